@@ -1,0 +1,268 @@
+"""Configs: safe YAML, ``__include__`` composition, deep merge, dotted overrides, references, validation.
+
+A config file is YAML read with ``yaml.safe_load``. It may list other files to build on::
+
+    __include__: [base/runtime.yml, base/dfine_hgnetv2.yml]   # relative to this file
+    epochs: 72
+
+Included files are merged in order, then the including file on top (later wins; mappings merge key by key,
+lists and scalars are replaced). Overrides ``a.b.c=value`` are applied last, with ``value`` read as YAML
+(``3`` is an int, ``[1, 2]`` a list, ``null`` None).
+
+Values used in several places (``num_classes``, ``eval_spatial_size``, ...) are declared once at the top level
+and referenced as ``${num_classes}``; references are resolved after overrides, so ``-u num_classes=3``
+reaches every place that refers to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from dfine.registry import ConfigError, constructor_parameters, did_you_mean, find_component
+
+INCLUDE_KEY = "__include__"
+
+# Every key allowed at the top of a resolved config, with what it means. A key not listed here is a typo
+# (or belongs in a section); adding a new top-level setting means adding it here, documented.
+TOP_LEVEL_KEYS: dict[str, str] = {
+    "task": "what the config trains: `detection`",
+    "num_classes": "number of object classes the model predicts",
+    "eval_spatial_size": "[H, W] the model is built for at evaluation (anchors and position embeddings are cached for it)",
+    "remap_mscoco_category": "map contiguous labels back to COCO's 91 category ids in predictions",
+    "model": "the detector: backbone, encoder, decoder",
+    "criterion": "the training loss and its matcher",
+    "postprocessor": "turns raw outputs into detections",
+    "train_dataloader": "training data: dataset, transforms, batching",
+    "val_dataloader": "validation data",
+    "optimizer": "optimizer type, learning rates and parameter groups",
+    "lr_scheduler": "learning-rate schedule over the main phase",
+    "lr_warmup_scheduler": "linear learning-rate warm-up",
+    "ema": "exponential moving average of the weights",
+    "use_ema": "keep and evaluate an EMA copy of the model",
+    "epochs": "total number of training epochs",
+    "stop_epoch": "epoch from which strong augmentation and multi-scale stop (the no-augmentation phase)",
+    "clip_max_norm": "gradient clipping max norm (0 disables)",
+    "use_amp": "mixed precision training",
+    "amp_dtype": "`bfloat16` or `float16` (float16 uses a GradScaler)",
+    "gradient_accumulation_steps": "optimizer step every N batches",
+    "sync_bn": "convert BatchNorm to SyncBatchNorm under DDP",
+    "find_unused_parameters": "DDP find_unused_parameters (off: every parameter gets a gradient)",
+    "max_bad_steps": "stop after this many consecutive non-finite losses",
+    "output_dir": "where checkpoints, logs and the resolved config go",
+    "summary_dir": "TensorBoard folder (default: output_dir/summary)",
+    "checkpoint_freq": "write checkpointNNNN.pth every N epochs",
+    "print_freq": "log every N steps",
+    "seed": "random seed",
+    "device": "`cpu`, `cuda`, `cuda:1`, ... (default: cuda when available)",
+    "tuning": "checkpoint to fine-tune from",
+    "pretrained_dir": "folder searched for pretrained backbone weights before downloading",
+}
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
+    """Read, compose, override, resolve and validate a config.
+
+    Args:
+        path: a YAML file.
+        overrides: ``"a.b.c=value"`` strings, applied after all includes.
+    Returns:
+        A plain dict; a fresh one on every call (nothing is shared between two loads).
+    Raises:
+        ConfigError naming the file, include chain, key or override at fault.
+    """
+    cfg = _read_with_includes(Path(path), chain=())
+    for item in overrides:
+        apply_override(cfg, item)
+    cfg = resolve_references(cfg)
+    validate_config(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict:
+    where = " -> ".join(str(p) for p in (*chain, path))
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (include chain: {where})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse YAML in {path}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at its top level, not a {type(data).__name__}")
+    return data
+
+
+def _read_with_includes(path: Path, chain: tuple[Path, ...]) -> dict:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"include cycle: {cycle}")
+    data = _read_yaml(path, chain)
+    includes = data.pop(INCLUDE_KEY, [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: `{INCLUDE_KEY}` must be a list of file paths")
+    merged: dict = {}
+    for include in includes:
+        merged = deep_merge(merged, _read_with_includes(path.parent / include, (*chain, path)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """A new dict: ``update`` on top of ``base``; nested mappings merge, anything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _allowed_keys(node: dict) -> list[str]:
+    """Keys a mapping may gain through an override: its own, plus constructor arguments of its `type`."""
+    keys = list(node)
+    component = find_component(node["type"]) if isinstance(node.get("type"), str) else None
+    if component is not None:
+        named, _ = constructor_parameters(component)
+        keys += [k for k in named if k not in node]
+    return keys
+
+
+def apply_override(cfg: dict, item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place. The path must name an existing key, a constructor
+    argument of the component at that place, or a documented top-level key."""
+    if "=" not in item:
+        raise ConfigError(f"override `{item}` must look like key.path=value")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override `{item}`: value is not valid YAML ({err})") from None
+
+    node: Any = cfg
+    for depth, key in enumerate(keys):
+        here = ".".join(keys[: depth + 1])
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.lstrip("-").isdigit() or not -len(node) <= int(key) < len(node):
+                raise ConfigError(f"override `{dotted}`: `{here}` indexes a list of {len(node)} items")
+            key = int(key)
+        elif isinstance(node, dict):
+            allowed = _allowed_keys(node) + (list(TOP_LEVEL_KEYS) if depth == 0 else [])
+            if key not in allowed:
+                raise ConfigError(
+                    f"override `{dotted}`: `{here}` matches no known key{did_you_mean(key, allowed)}"
+                )
+        else:
+            raise ConfigError(f"override `{dotted}`: `{'.'.join(keys[:depth])}` is a value, not a section")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and not isinstance(node.get(key), (dict, list)):
+                node[key] = {}
+            node = node[key]
+
+
+def _lookup(cfg: dict, dotted: str):
+    node: Any = cfg
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise KeyError(dotted)
+        node = node[key]
+    return node
+
+
+def resolve_references(cfg: dict) -> dict:
+    """Replace ``${key}`` / ``${a.b}`` with the referenced value. A string that is exactly one reference takes
+    the value with its type; references inside longer strings are formatted in."""
+
+    def resolve(value, path: str, seen: tuple[str, ...]):
+        if isinstance(value, dict):
+            return {k: resolve(v, f"{path}.{k}" if path else str(k), seen) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v, f"{path}.{i}", seen) for i, v in enumerate(value)]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+
+        def target(name: str):
+            if name in seen:
+                raise ConfigError(f"`{path}`: reference cycle through ${{{name}}}")
+            try:
+                found = _lookup(cfg, name)
+            except KeyError:
+                raise ConfigError(
+                    f"`{path}` refers to ${{{name}}}, which is not defined{did_you_mean(name, TOP_LEVEL_KEYS)}"
+                ) from None
+            return resolve(found, name, (*seen, name))
+
+        whole = _REFERENCE.fullmatch(value)
+        if whole:
+            return copy.deepcopy(target(whole.group(1)))
+        return _REFERENCE.sub(lambda m: str(target(m.group(1))), value)
+
+    return resolve(cfg, "", ())
+
+
+def validate_config(cfg: dict) -> None:
+    """Reject unknown top-level keys, unknown component types and keys that are no constructor argument."""
+    from dfine.components import import_components
+
+    import_components()
+    for key in cfg:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"unknown top-level config key `{key}`{did_you_mean(key, TOP_LEVEL_KEYS)}")
+    _validate_node(cfg, "")
+
+
+def _validate_node(node, path: str) -> None:
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _validate_node(item, f"{path}.{i}")
+        return
+    if not isinstance(node, dict):
+        return
+    type_name = node.get("type")
+    if isinstance(type_name, str):
+        component = find_component(type_name)
+        if component is None:
+            from dfine.registry import ALL_REGISTRIES
+
+            known = [name for registry in ALL_REGISTRIES for name in registry]
+            raise ConfigError(f"unknown type `{type_name}` at `{path}.type`{did_you_mean(type_name, known)}")
+        named, var_kw = constructor_parameters(component)
+        if not var_kw:
+            for key in node:
+                if key != "type" and key not in named:
+                    raise ConfigError(
+                        f"`{path}.{key}` is not an argument of {type_name}{did_you_mean(key, named)}"
+                    )
+    for key, value in node.items():
+        _validate_node(value, f"{path}.{key}" if path else str(key))
+
+
+def dump_config(cfg: dict, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (for the output folder at train start); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(config_to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def config_to_yaml(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=120)

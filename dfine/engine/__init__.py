@@ -1,0 +1,1 @@
+"""Registering modules are imported here explicitly."""
