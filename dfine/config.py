@@ -1,6 +1,6 @@
 """Configs: safe YAML, ``__include__`` composition, deep merge, dotted overrides, references, validation.
 
-A config file is YAML read with ``yaml.safe_load``. It may list other files to build on::
+A config file is YAML read with a safe loader (yaml.SafeLoader: no Python objects are ever constructed). It may list other files to build on::
 
     __include__: [base/runtime.yml, base/dfine_hgnetv2.yml]   # relative to this file
     epochs: 72
@@ -67,6 +67,27 @@ TOP_LEVEL_KEYS: dict[str, str] = {
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no object construction) that also reads ``1e-4`` as a float, as YAML 1.2 does;
+    plain YAML 1.1 would make it the string '1e-4' and a learning rate would fail far from the config."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def safe_load_yaml(text_or_stream):
+    """Parse YAML safely (see _SafeLoader)."""
+    loader = _SafeLoader(text_or_stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
     """Read, compose, override, resolve and validate a config.
 
@@ -92,7 +113,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict:
         raise ConfigError(f"config file not found: {path} (include chain: {where})")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = safe_load_yaml(f)
     except yaml.YAMLError as err:
         raise ConfigError(f"cannot parse YAML in {path}: {err}") from None
     if data is None:
@@ -148,7 +169,7 @@ def apply_override(cfg: dict, item: str) -> None:
     dotted, raw = item.split("=", 1)
     keys = dotted.strip().split(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override `{item}`: value is not valid YAML ({err})") from None
 
@@ -171,9 +192,12 @@ def apply_override(cfg: dict, item: str) -> None:
         if last:
             node[key] = value
         else:
-            if isinstance(node, dict) and not isinstance(node.get(key), (dict, list)):
-                node[key] = {}
-            node = node[key]
+            child = node[key] if (isinstance(node, list) or key in node) else None
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, (dict, list)):
+                raise ConfigError(f"override `{dotted}`: `{here}` is a value, not a section")
+            node = child
 
 
 def _lookup(cfg: dict, dotted: str):
