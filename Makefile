@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test
+EXTRAS ?= test,onnx,hf
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: setup test demo clean
