@@ -1,1 +1,4 @@
 """Registering modules are imported here explicitly."""
+from dfine.models import detector  # noqa: F401  DFINE
+from dfine.models import dfine_decoder  # noqa: F401  DFINETransformer
+from dfine.models import postprocessor  # noqa: F401  DFINEPostProcessor

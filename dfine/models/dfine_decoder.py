@@ -1,0 +1,622 @@
+"""The D-FINE decoder (arXiv 2410.13842): query selection from encoder features, then a stack of
+deformable-attention layers that refine boxes by Fine-grained Distribution Refinement (FDR).
+
+Flow for a batch of multi-level features::
+
+    feats -> input projection -> flattened memory [B, L, C] + anchors per position
+          -> encoder head scores every position; the top ``num_queries`` become the queries
+          -> layer 0 predicts a first box (pre_bbox_head) that every later layer refines:
+             each layer adds to four edge distributions over reg_max + 1 bins (pred_corners), decoded by the
+             weighting function W (dfine/models/fdr.py) into edge offsets around that first box
+          -> class scores + LQE (Localization Quality Estimation: a small MLP on the sharpness of the edge
+             distributions, added to the class logits).
+
+In training, contrastive denoising queries (dfine/models/denoising.py) run beside the selected ones and every
+layer's outputs are returned for the deep supervision and GO-LSD distillation of the criterion.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from dfine.layers.deformable_attention import MSDeformableAttention, split_value_levels
+from dfine.layers.mlp import MLP, mlp_activation
+from dfine.models.denoising import DenoisingGroup, contrastive_denoising_group
+from dfine.models.fdr import distance2bbox, weighting_function
+from dfine.ops.boxes import inverse_sigmoid
+from dfine.registry import DECODERS
+
+QUERY_SELECT_METHODS = ("default", "agnostic", "one2many")
+
+
+def bias_for_prior(prob: float) -> float:
+    """Bias that makes sigmoid(bias) == prob (focal-loss style prior)."""
+    return -math.log((1 - prob) / prob)
+
+
+def integral(pred_corners: Tensor, project: Tensor) -> Tensor:
+    """Expected edge offsets of four per-edge distributions.
+
+    Args:
+        pred_corners: [..., 4 * (reg_max + 1)] logits, edge-major (left, top, right, bottom).
+        project: [reg_max + 1] bin values W(n).
+    Returns:
+        [..., 4] offsets in W's units.
+    """
+    probs = pred_corners.reshape(*pred_corners.shape[:-1], 4, project.shape[0]).softmax(-1)
+    return probs @ project.to(probs.dtype)
+
+
+def generate_anchors(
+    spatial_shapes: Sequence[Sequence[int]], grid_size: float = 0.05, eps: float = 1e-2, device=None
+) -> tuple[Tensor, Tensor]:
+    """One anchor box per feature position: its cell centre, size grid_size * 2**level.
+
+    Returns:
+        anchors [1, L, 4] cxcywh in logit space (+inf where invalid), valid_mask [1, L, 1] bool
+        (all coordinates inside (eps, 1 - eps)).
+    """
+    levels = []
+    for level, (h, w) in enumerate(spatial_shapes):
+        ys, xs = torch.meshgrid(torch.arange(int(h)), torch.arange(int(w)), indexing="ij")
+        centres = (torch.stack([xs, ys], -1) + 0.5) / torch.tensor([w, h], dtype=torch.float32)
+        sizes = torch.full_like(centres, grid_size * 2.0**level)
+        levels.append(torch.cat([centres, sizes], -1).reshape(1, -1, 4))
+    anchors = torch.cat(levels, 1).to(device)
+    valid_mask = ((anchors > eps) & (anchors < 1 - eps)).all(-1, keepdim=True)
+    anchors = torch.log(anchors / (1 - anchors))
+    return torch.where(valid_mask, anchors, torch.inf), valid_mask
+
+
+class Gate(nn.Module):
+    """Gated fusion of the self-attended query and the cross-attention result (replaces a residual sum)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.gate = nn.Linear(2 * d_model, 2 * d_model)
+        nn.init.constant_(self.gate.bias, bias_for_prior(0.5))
+        nn.init.zeros_(self.gate.weight)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        """[B, Q, C] x 2 -> [B, Q, C]."""
+        g1, g2 = torch.sigmoid(self.gate(torch.cat([x1, x2], -1))).chunk(2, -1)
+        return self.norm(g1 * x1 + g2 * x2)
+
+
+class LQE(nn.Module):
+    """Localization Quality Estimation: adds a score from the top-k probabilities of each edge distribution
+    (sharp distributions mean a well-localised box) to the class logits."""
+
+    def __init__(self, k: int, hidden_dim: int, num_layers: int, reg_max: int, act: str = "relu"):
+        super().__init__()
+        self.k = k
+        self.reg_max = reg_max
+        self.reg_conf = MLP(4 * (k + 1), hidden_dim, 1, num_layers, act=act)
+        nn.init.zeros_(self.reg_conf.layers[-1].weight)
+        nn.init.zeros_(self.reg_conf.layers[-1].bias)
+
+    def forward(self, scores: Tensor, pred_corners: Tensor) -> Tensor:
+        """scores [B, Q, num_classes], pred_corners [B, Q, 4 * (reg_max + 1)] -> [B, Q, num_classes]."""
+        batch, queries, _ = pred_corners.shape
+        probs = pred_corners.reshape(batch, queries, 4, self.reg_max + 1).softmax(-1)
+        top, _ = probs.topk(self.k, dim=-1)
+        stats = torch.cat([top, top.mean(-1, keepdim=True)], -1).reshape(batch, queries, -1)
+        return scores + self.reg_conf(stats)
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Self-attention, deformable cross-attention fused by a Gate, then a feed-forward block.
+
+    With ``layer_scale`` the layer is that many times wider (for the auxiliary layers after eval_idx).
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_head: int = 8,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        n_levels: int = 4,
+        n_points: int | Sequence[int] = 4,
+        cross_attn_method: str = "default",
+        layer_scale: float | None = None,
+    ):
+        super().__init__()
+        if layer_scale is not None:
+            dim_feedforward = round(layer_scale * dim_feedforward)
+            d_model = round(layer_scale * d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn = MSDeformableAttention(d_model, n_head, n_levels, n_points, method=cross_attn_method)
+        self.dropout2 = nn.Dropout(dropout)
+        self.gateway = Gate(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.activation = mlp_activation(activation)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def forward(
+        self,
+        target: Tensor,
+        reference_points: Tensor,
+        value: list[Tensor],
+        spatial_shapes: Sequence[Sequence[int]],
+        attn_mask: Tensor | None = None,
+        query_pos_embed: Tensor | None = None,
+    ) -> Tensor:
+        """target [B, Q, C], reference_points [B, Q, 1, 4], value per-level maps -> [B, Q, C]."""
+        q = k = target if query_pos_embed is None else target + query_pos_embed
+        # need_weights=False lets PyTorch use its fused attention kernel.
+        attended, _ = self.self_attn(q, k, value=target, attn_mask=attn_mask, need_weights=False)
+        target = self.norm1(target + self.dropout1(attended))
+
+        query = target if query_pos_embed is None else target + query_pos_embed
+        sampled = self.cross_attn(query, reference_points, value, spatial_shapes)
+        target = self.gateway(target, self.dropout2(sampled))
+
+        ffn = self.linear2(self.dropout3(self.activation(self.linear1(target))))
+        # The clamp keeps float16 activations finite (65504 is its largest value).
+        return self.norm3((target + self.dropout4(ffn)).clamp(min=-65504, max=65504))
+
+
+class TransformerDecoder(nn.Module):
+    """The layer stack with its LQE heads. The prediction heads live in DFINETransformer (their state-dict
+    keys are ``decoder.dec_*``) and are passed to forward.
+
+    ``up`` and ``reg_scale`` are the parent's parameters, registered here too, so both key sets of the
+    reference checkpoints (``decoder.up`` and ``decoder.decoder.up``) exist.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        decoder_layer: TransformerDecoderLayer,
+        decoder_layer_wide: TransformerDecoderLayer,
+        num_layers: int,
+        num_head: int,
+        reg_max: int,
+        reg_scale: nn.Parameter,
+        up: nn.Parameter,
+        eval_idx: int = -1,
+        layer_scale: float = 2,
+        act: str = "relu",
+    ):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.num_layers = num_layers
+        self.layer_scale = layer_scale
+        self.num_head = num_head
+        self.eval_idx = eval_idx if eval_idx >= 0 else num_layers + eval_idx
+        self.up, self.reg_scale, self.reg_max = up, reg_scale, reg_max
+        self.layers = nn.ModuleList(
+            [copy.deepcopy(decoder_layer) for _ in range(self.eval_idx + 1)]
+            + [copy.deepcopy(decoder_layer_wide) for _ in range(num_layers - self.eval_idx - 1)]
+        )
+        self.lqe_layers = nn.ModuleList([LQE(4, 64, 2, reg_max, act=act) for _ in range(num_layers)])
+        self.project: Tensor | None = None  # W(n) frozen by convert_to_deploy
+
+    def convert_to_deploy(self) -> None:
+        """Keep only what the eval_idx output needs and freeze the bin values."""
+        with torch.no_grad():
+            self.project = weighting_function(self.reg_max, self.up, self.reg_scale).detach().clone()
+        self.layers = self.layers[: self.eval_idx + 1]
+        self.lqe_layers = nn.ModuleList([nn.Identity()] * self.eval_idx + [self.lqe_layers[self.eval_idx]])
+
+    def _values(self, memory: Tensor, spatial_shapes, width: int | None = None) -> list[Tensor]:
+        if width is not None:  # wide layers read a memory stretched to their width
+            memory = F.interpolate(memory, size=width)
+        return split_value_levels(memory, spatial_shapes, self.num_head)
+
+    def forward(
+        self,
+        target: Tensor,
+        ref_points_unact: Tensor,
+        memory: Tensor,
+        spatial_shapes: Sequence[Sequence[int]],
+        bbox_head: nn.ModuleList,
+        score_head: nn.ModuleList,
+        query_pos_head: nn.Module,
+        pre_bbox_head: nn.Module,
+        attn_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Run the layers.
+
+        Args:
+            target: [B, Q, C] query content; ref_points_unact: [B, Q, 4] initial boxes in logit space.
+            memory: [B, L, C] flattened features.
+        Returns:
+            ``boxes``, ``logits``, ``corners``, ``refs``: stacked per returned layer ([n, B, Q, ...]; every
+            layer in training, only eval_idx otherwise); ``pre_boxes`` [B, Q, 4] from layer 0 and, in
+            training, ``pre_logits``.
+        """
+        project = self.project if self.project is not None else weighting_function(self.reg_max, self.up, self.reg_scale)
+        value = self._values(memory, spatial_shapes)
+        output = target
+        previous_output: Tensor | float = 0.0  # detached output of the previous layer
+        previous_corners: Tensor | float = 0.0  # corners accumulate over layers (residual distributions)
+        ref_points = torch.sigmoid(ref_points_unact)
+        collected: dict[str, list[Tensor]] = {"boxes": [], "logits": [], "corners": [], "refs": []}
+        result: dict[str, Tensor] = {}
+
+        for i, layer in enumerate(self.layers):
+            query_pos_embed = query_pos_head(ref_points).clamp(min=-10, max=10)
+            if i > self.eval_idx and self.layer_scale > 1:
+                query_pos_embed = F.interpolate(query_pos_embed, scale_factor=self.layer_scale)
+                value = self._values(memory, spatial_shapes, query_pos_embed.shape[-1])
+                output = F.interpolate(output, size=query_pos_embed.shape[-1])
+                previous_output = output.detach()
+
+            output = layer(output, ref_points.unsqueeze(2), value, spatial_shapes, attn_mask, query_pos_embed)
+
+            if i == 0:
+                # The first box; every later layer's edges are measured from it.
+                pre_boxes = torch.sigmoid(pre_bbox_head(output) + inverse_sigmoid(ref_points))
+                result["pre_boxes"] = pre_boxes
+                if self.training:
+                    result["pre_logits"] = score_head[0](output)
+                initial_boxes = pre_boxes.detach()
+
+            corners = bbox_head[i](output + previous_output) + previous_corners
+            boxes = distance2bbox(initial_boxes, integral(corners, project), self.reg_scale)
+
+            if self.training or i == self.eval_idx:
+                logits = self.lqe_layers[i](score_head[i](output), corners)
+                for key, item in zip(collected, (boxes, logits, corners, initial_boxes)):
+                    collected[key].append(item)
+                if not self.training:
+                    break
+
+            previous_corners = corners
+            ref_points = boxes.detach()
+            previous_output = output.detach()
+
+        result.update({key: torch.stack(items) for key, items in collected.items()})
+        return result
+
+
+@DECODERS.register
+class DFINETransformer(nn.Module):
+    """D-FINE decoder head: query selection, refinement layers, class/box/FDR heads, denoising.
+
+    Args (names follow the reference YAML):
+        num_classes: classes predicted (sigmoid/focal scores, no background class).
+        hidden_dim: query and memory width.
+        num_queries: queries selected from the encoder output.
+        feat_channels, feat_strides: channels and strides of the encoder levels.
+        num_levels: levels attended; extra levels are made by stride-2 convs on the last one.
+        num_points: deformable sampling points per level (int or list).
+        nhead, num_layers, dim_feedforward, dropout, activation: decoder layer settings.
+        num_denoising, label_noise_ratio, box_noise_scale: contrastive denoising (0 disables it).
+        learn_query_content: learned query content instead of the selected encoder features.
+        eval_spatial_size: [H, W] whose anchors are cached for evaluation (other sizes are generated).
+        eval_idx: layer whose output is the prediction (negative counts from the end).
+        eps: anchors closer than eps to the image border are invalid.
+        aux_loss: return the per-layer, encoder and denoising outputs in training.
+        cross_attn_method: ``default`` (bilinear) or ``discrete`` sampling.
+        query_select_method: ``default`` (best class), ``agnostic`` (one objectness score) or ``one2many``.
+        reg_max: FDR bins per edge minus one; reg_scale: curvature of the weighting function W.
+        layer_scale: width multiplier of the layers after eval_idx.
+        mlp_act: activation of the MLP heads.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 80,
+        hidden_dim: int = 256,
+        num_queries: int = 300,
+        feat_channels: Sequence[int] = (512, 1024, 2048),
+        feat_strides: Sequence[int] = (8, 16, 32),
+        num_levels: int = 3,
+        num_points: int | Sequence[int] = 4,
+        nhead: int = 8,
+        num_layers: int = 6,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        num_denoising: int = 100,
+        label_noise_ratio: float = 0.5,
+        box_noise_scale: float = 1.0,
+        learn_query_content: bool = False,
+        eval_spatial_size: Sequence[int] | None = None,
+        eval_idx: int = -1,
+        eps: float = 1e-2,
+        aux_loss: bool = True,
+        cross_attn_method: str = "default",
+        query_select_method: str = "default",
+        reg_max: int = 32,
+        reg_scale: float = 4.0,
+        layer_scale: float = 1,
+        mlp_act: str = "relu",
+    ):
+        super().__init__()
+        feat_channels, feat_strides = list(feat_channels), list(feat_strides)
+        if len(feat_channels) > num_levels or len(feat_strides) != len(feat_channels):
+            raise ValueError(
+                f"feat_channels {feat_channels} and feat_strides {feat_strides} must have the same length, "
+                f"at most num_levels={num_levels}"
+            )
+        if query_select_method not in QUERY_SELECT_METHODS:
+            raise ValueError(f"query_select_method `{query_select_method}` is not one of {QUERY_SELECT_METHODS}")
+        if not -num_layers <= eval_idx < num_layers:
+            raise ValueError(f"eval_idx {eval_idx} is outside the {num_layers} decoder layers")
+        while len(feat_strides) < num_levels:
+            feat_strides.append(feat_strides[-1] * 2)
+
+        self.hidden_dim = hidden_dim
+        self.nhead = nhead
+        self.feat_strides = feat_strides
+        self.num_levels = num_levels
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.eps = eps
+        self.num_layers = num_layers
+        self.eval_spatial_size = list(eval_spatial_size) if eval_spatial_size else None
+        self.aux_loss = aux_loss
+        self.reg_max = reg_max
+        self.cross_attn_method = cross_attn_method
+        self.query_select_method = query_select_method
+        self.eval_idx = eval_idx if eval_idx >= 0 else num_layers + eval_idx
+        scaled_dim = round(layer_scale * hidden_dim)
+
+        self.input_proj = self._build_input_proj(feat_channels)
+
+        # Fixed FDR constants, stored as parameters without gradient like the reference (reg_scale keeps
+        # the YAML's type: an int in the released configs).
+        self.up = nn.Parameter(torch.tensor([0.5]), requires_grad=False)
+        self.reg_scale = nn.Parameter(torch.tensor([reg_scale]), requires_grad=False)
+        layer = TransformerDecoderLayer(
+            hidden_dim, nhead, dim_feedforward, dropout, activation, num_levels, num_points, cross_attn_method
+        )
+        wide_layer = TransformerDecoderLayer(
+            hidden_dim, nhead, dim_feedforward, dropout, activation, num_levels, num_points, cross_attn_method,
+            layer_scale=layer_scale,
+        )
+        self.decoder = TransformerDecoder(
+            hidden_dim, layer, wide_layer, num_layers, nhead, reg_max, self.reg_scale, self.up, eval_idx,
+            layer_scale, act=activation,
+        )
+
+        self.num_denoising = num_denoising
+        self.label_noise_ratio = label_noise_ratio
+        self.box_noise_scale = box_noise_scale
+        if num_denoising > 0:
+            self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
+            nn.init.normal_(self.denoising_class_embed.weight[:-1])
+
+        self.learn_query_content = learn_query_content
+        if learn_query_content:
+            self.tgt_embed = nn.Embedding(num_queries, hidden_dim)
+        self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, 2, act=mlp_act)
+
+        self.enc_output = nn.Sequential(
+            OrderedDict([("proj", nn.Linear(hidden_dim, hidden_dim)), ("norm", nn.LayerNorm(hidden_dim))])
+        )
+        self.enc_score_head = nn.Linear(hidden_dim, 1 if query_select_method == "agnostic" else num_classes)
+        self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, act=mlp_act)
+
+        num_narrow, num_wide = self.eval_idx + 1, num_layers - self.eval_idx - 1
+        self.dec_score_head = nn.ModuleList(
+            [nn.Linear(hidden_dim, num_classes) for _ in range(num_narrow)]
+            + [nn.Linear(scaled_dim, num_classes) for _ in range(num_wide)]
+        )
+        self.pre_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, act=mlp_act)
+        corner_dim = 4 * (reg_max + 1)
+        self.dec_bbox_head = nn.ModuleList(
+            [MLP(hidden_dim, hidden_dim, corner_dim, 3, act=mlp_act) for _ in range(num_narrow)]
+            + [MLP(scaled_dim, scaled_dim, corner_dim, 3, act=mlp_act) for _ in range(num_wide)]
+        )
+
+        self._anchor_shapes: list[list[int]] | None = None
+        if self.eval_spatial_size:
+            height, width = self.eval_spatial_size
+            self._anchor_shapes = [[int(height / s), int(width / s)] for s in self.feat_strides]
+            anchors, valid_mask = generate_anchors(self._anchor_shapes, eps=eps)
+            self.register_buffer("anchors", anchors)
+            self.register_buffer("valid_mask", valid_mask)
+        self._reset_parameters(feat_channels)
+
+    def _build_input_proj(self, feat_channels: list[int]) -> nn.ModuleList:
+        """1x1 conv + BN per level to hidden_dim (identity when already that wide), then stride-2 3x3 convs
+        for the extra levels."""
+
+        def conv_bn(c_in: int, kernel: int, stride: int) -> nn.Module:
+            if c_in == self.hidden_dim:
+                return nn.Identity()
+            conv = nn.Conv2d(c_in, self.hidden_dim, kernel, stride, padding=kernel // 2, bias=False)
+            return nn.Sequential(OrderedDict([("conv", conv), ("norm", nn.BatchNorm2d(self.hidden_dim))]))
+
+        projections = [conv_bn(c, 1, 1) for c in feat_channels]
+        c_in = feat_channels[-1]
+        for _ in range(self.num_levels - len(feat_channels)):
+            projections.append(conv_bn(c_in, 3, 2))
+            c_in = self.hidden_dim
+        return nn.ModuleList(projections)
+
+    def _reset_parameters(self, feat_channels: list[int]) -> None:
+        # Zero box heads start every box at its anchor / reference; class biases at a 1% prior.
+        prior = bias_for_prior(0.01)
+        nn.init.constant_(self.enc_score_head.bias, prior)
+        for head in (self.enc_bbox_head, self.pre_bbox_head, *self.dec_bbox_head):
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        for head in self.dec_score_head:
+            nn.init.constant_(head.bias, prior)
+        nn.init.xavier_uniform_(self.enc_output.proj.weight)
+        if self.learn_query_content:
+            nn.init.xavier_uniform_(self.tgt_embed.weight)
+        for layer in self.query_pos_head.layers:
+            nn.init.xavier_uniform_(layer.weight)
+        for projection, channels in zip(self.input_proj, feat_channels):
+            if channels != self.hidden_dim:
+                nn.init.xavier_uniform_(projection.conv.weight)
+
+    def convert_to_deploy(self) -> None:
+        """Drop the class heads that inference never reads (DFINE.deploy calls this)."""
+        self.dec_score_head = nn.ModuleList(
+            [nn.Identity()] * self.eval_idx + [self.dec_score_head[self.eval_idx]]
+        )
+
+    # -- encoder side ---------------------------------------------------------------------------------
+
+    def _flatten_features(self, feats: Sequence[Tensor]) -> tuple[Tensor, list[list[int]]]:
+        """Project each level and flatten: -> memory [B, sum(H*W), C], spatial_shapes [[H, W], ...]."""
+        projected = [proj(feat) for proj, feat in zip(self.input_proj, feats)]
+        for i in range(len(feats), self.num_levels):
+            projected.append(self.input_proj[i](feats[-1] if i == len(feats) else projected[-1]))
+        memory = torch.cat([f.flatten(2).permute(0, 2, 1) for f in projected], 1)
+        return memory, [[f.shape[2], f.shape[3]] for f in projected]
+
+    def _anchors_for(self, spatial_shapes: list[list[int]], device) -> tuple[Tensor, Tensor]:
+        if not self.training and self._anchor_shapes == spatial_shapes:
+            return self.anchors, self.valid_mask
+        return generate_anchors(spatial_shapes, eps=self.eps, device=device)
+
+    def _select_queries(self, logits: Tensor) -> Tensor:
+        """[B, L, num_classes or 1] encoder logits -> [B, num_queries] indices of the chosen positions."""
+        if self.query_select_method == "default":
+            return torch.topk(logits.max(-1).values, self.num_queries, dim=-1).indices
+        if self.query_select_method == "agnostic":
+            return torch.topk(logits.squeeze(-1), self.num_queries, dim=-1).indices
+        # one2many: the best (position, class) pairs; a position may be chosen more than once.
+        return torch.topk(logits.flatten(1), self.num_queries, dim=-1).indices // self.num_classes
+
+    @staticmethod
+    def _gather(x: Tensor, index: Tensor) -> Tensor:
+        return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    def _initial_queries(self, memory: Tensor, spatial_shapes: list[list[int]]) -> dict:
+        """Score every position, keep the top num_queries: their content, boxes (logit space) and, in training,
+        the encoder's own predictions for them."""
+        anchors, valid_mask = self._anchors_for(spatial_shapes, memory.device)
+        memory = valid_mask.to(memory.dtype) * memory
+        enc_memory = self.enc_output(memory)
+        enc_logits = self.enc_score_head(enc_memory)
+        topk_ind = self._select_queries(enc_logits)
+        topk_memory = self._gather(enc_memory, topk_ind)
+        topk_anchors = self._gather(anchors.expand(memory.shape[0], -1, -1), topk_ind)
+        boxes_unact = self.enc_bbox_head(topk_memory) + topk_anchors
+        if self.learn_query_content:
+            content = self.tgt_embed.weight.unsqueeze(0).expand(memory.shape[0], -1, -1)
+        else:
+            content = topk_memory.detach()
+        selected = {"content": content, "boxes_unact": boxes_unact.detach(), "topk_ind": topk_ind}
+        if self.training:
+            selected["enc_logits"] = self._gather(enc_logits, topk_ind)
+            selected["enc_boxes"] = torch.sigmoid(boxes_unact)
+        return selected
+
+    # -- forward -------------------------------------------------------------------------------------
+
+    def make_denoising_group(self, targets: list[dict] | None) -> DenoisingGroup | None:
+        if not (self.training and self.num_denoising > 0):
+            return None
+        if targets is None:
+            raise ValueError("DFINETransformer needs `targets` in training mode for its denoising queries")
+        return contrastive_denoising_group(
+            targets, self.num_classes, self.num_queries, self.denoising_class_embed,
+            num_denoising=self.num_denoising, label_noise_ratio=self.label_noise_ratio,
+            box_noise_scale=self.box_noise_scale,
+        )
+
+    def forward(
+        self, feats: Sequence[Tensor], targets: list[dict] | None = None, denoising: DenoisingGroup | None = None
+    ) -> dict:
+        """
+        Args:
+            feats: encoder levels, [B, feat_channels[i], H_i, W_i].
+            targets: per image ``labels`` [N] and ``boxes`` [N, 4] cxcywh normalised (training only).
+            denoising: a prepared denoising group to use instead of drawing one (replaying a recorded batch).
+        Returns:
+            ``pred_logits`` [B, Q, num_classes], ``pred_boxes`` [B, Q, 4] cxcywh normalised and ``enc_topk_ind``
+            [B, Q] (the position each query was selected from). In training also ``pred_corners``
+            [B, Q, 4 * (reg_max + 1)], ``ref_points`` [B, Q, 4], ``up``, ``reg_scale`` and, with aux_loss,
+            ``aux_outputs`` (earlier layers, with ``teacher_corners``/``teacher_logits`` of the last),
+            ``pre_outputs`` (layer 0's first boxes), ``enc_aux_outputs``, ``enc_meta`` and, with denoising,
+            ``dn_outputs``, ``dn_pre_outputs``, ``dn_meta``.
+        """
+        memory, spatial_shapes = self._flatten_features(feats)
+        if denoising is None:
+            denoising = self.make_denoising_group(targets)
+        selected = self._initial_queries(memory, spatial_shapes)
+        content, boxes_unact = selected["content"], selected["boxes_unact"]
+        attn_mask = None
+        if denoising is not None and denoising.content is not None:
+            content = torch.cat([denoising.content, content], 1)
+            boxes_unact = torch.cat([denoising.boxes_unact, boxes_unact], 1)
+            attn_mask = denoising.attn_mask
+
+        decoded = self.decoder(
+            content, boxes_unact, memory, spatial_shapes, self.dec_bbox_head, self.dec_score_head,
+            self.query_pos_head, self.pre_bbox_head, attn_mask=attn_mask,
+        )
+        if not self.training:
+            return {
+                "pred_logits": decoded["logits"][-1],
+                "pred_boxes": decoded["boxes"][-1],
+                "enc_topk_ind": selected["topk_ind"],
+            }
+        return self._training_outputs(decoded, selected, denoising)
+
+    def _training_outputs(self, decoded: dict, selected: dict, denoising: DenoisingGroup | None) -> dict:
+        """Split denoising queries off and arrange everything the criterion reads, keyed like the reference."""
+        dn = {}
+        if denoising is not None:
+            split = denoising.meta["dn_num_split"]
+            for key in ("pre_logits", "pre_boxes"):
+                dn[key], decoded[key] = decoded[key].split(split, dim=1)
+            for key in ("boxes", "logits", "corners", "refs"):
+                dn[key], decoded[key] = decoded[key].split(split, dim=2)
+
+        logits, boxes, corners, refs = (decoded[k] for k in ("logits", "boxes", "corners", "refs"))
+        out = {
+            "pred_logits": logits[-1],
+            "pred_boxes": boxes[-1],
+            "pred_corners": corners[-1],
+            "ref_points": refs[-1],
+            "up": self.up,
+            "reg_scale": self.reg_scale,
+            "enc_topk_ind": selected["topk_ind"],
+        }
+        if not self.aux_loss:
+            return out
+        out["aux_outputs"] = _layer_outputs(logits[:-1], boxes[:-1], corners[:-1], refs[:-1], corners[-1], logits[-1])
+        out["enc_aux_outputs"] = [{"pred_logits": selected["enc_logits"], "pred_boxes": selected["enc_boxes"]}]
+        out["pre_outputs"] = {"pred_logits": decoded["pre_logits"], "pred_boxes": decoded["pre_boxes"]}
+        out["enc_meta"] = {"class_agnostic": self.query_select_method == "agnostic"}
+        if denoising is not None:
+            out["dn_outputs"] = _layer_outputs(
+                dn["logits"], dn["boxes"], dn["corners"], dn["refs"], dn["corners"][-1], dn["logits"][-1]
+            )
+            out["dn_pre_outputs"] = {"pred_logits": dn["pre_logits"], "pred_boxes": dn["pre_boxes"]}
+            out["dn_meta"] = denoising.meta
+        return out
+
+
+def _layer_outputs(logits, boxes, corners, refs, teacher_corners, teacher_logits) -> list[dict]:
+    """One dict per layer; the last layer's corners and logits are the GO-LSD teacher of each."""
+    return [
+        {
+            "pred_logits": layer_logits,
+            "pred_boxes": layer_boxes,
+            "pred_corners": layer_corners,
+            "ref_points": layer_refs,
+            "teacher_corners": teacher_corners,
+            "teacher_logits": teacher_logits,
+        }
+        for layer_logits, layer_boxes, layer_corners, layer_refs in zip(logits, boxes, corners, refs)
+    ]
