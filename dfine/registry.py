@@ -119,9 +119,13 @@ POSTPROCESSORS = Registry("postprocessor")
 DATASETS = Registry("dataset")
 TRANSFORMS = Registry("transform")
 COLLATORS = Registry("collate function")
+OPTIMIZERS = Registry("optimizer")
+SCHEDULERS = Registry("learning-rate scheduler")
+EMAS = Registry("weight average")
 
 ALL_REGISTRIES = (
     BACKBONES, ENCODERS, DECODERS, DETECTORS, MATCHERS, CRITERIONS, POSTPROCESSORS, DATASETS, TRANSFORMS, COLLATORS,
+    OPTIMIZERS, SCHEDULERS, EMAS,
 )
 
 

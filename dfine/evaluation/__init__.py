@@ -1,1 +1,12 @@
-"""Registering modules are imported here explicitly."""
+"""COCO evaluation: the 12 standard numbers and a per-class AP table (faster-coco-eval, pycocotools fallback)."""
+
+from dfine.evaluation.coco_evaluator import (
+    STAT_NAMES,
+    CocoEvaluator,
+    EvalResult,
+    detections_to_coco,
+    evaluate_records,
+    load_coco_gt,
+)
+
+__all__ = ["STAT_NAMES", "CocoEvaluator", "EvalResult", "detections_to_coco", "evaluate_records", "load_coco_gt"]

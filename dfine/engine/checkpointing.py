@@ -1,0 +1,202 @@
+"""Training checkpoints: atomic writes, the full resume state, and fine-tuning from other weights.
+
+Layout (a superset of the reference solver's, so reference tools read ours and we read theirs)::
+
+    {"model", "ema": {"module", "updates", "decay", "skipped"}, "optimizer", "lr_scheduler",
+     "lr_warmup_scheduler", "scaler", "last_epoch", "global_step", "rng", "config", "classes", "date"}
+
+``last_epoch`` is the last finished epoch (the next run starts at ``last_epoch + 1``). Everything is plain
+tensors, numbers, strings, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dfine.checkpoint import CheckpointError, LoadReport, extract_state_dict, load_state_dict_checked, read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+# Objects365 class index of each COCO class (0..79), from the reference solver; used to carry the classifier
+# rows of an Objects365-pretrained model onto COCO (index + 1 there, as the reference does).
+OBJ365_INDEX_OF_COCO_CLASS = [
+    0, 46, 5, 58, 114, 55, 116, 65, 21, 40, 176, 127, 249, 24, 56, 139, 92, 78, 99, 96,
+    144, 295, 178, 180, 38, 39, 13, 43, 120, 219, 148, 173, 165, 154, 137, 113, 145, 146,
+    204, 8, 35, 10, 88, 84, 93, 26, 112, 82, 265, 104, 141, 152, 234, 143, 150, 97, 2,
+    50, 25, 75, 98, 153, 37, 73, 115, 132, 106, 61, 163, 134, 277, 81, 133, 18, 94, 30,
+    169, 70, 328, 226,
+]  # fmt: skip
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: a reader (or a crash) sees
+    either the old complete file or the new complete file, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def capture_rng_state() -> dict:
+    """Python, NumPy, torch CPU (and CUDA) generator states, in weights_only-loadable form."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_lists(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, tuple) else value
+
+
+def training_state(
+    *,
+    model: nn.Module,
+    ema,
+    optimizer,
+    lr_scheduler,
+    lr_warmup_scheduler,
+    scaler,
+    last_epoch: int,
+    global_step: int,
+    config: dict,
+    classes: list | None,
+    best: dict | None = None,
+) -> dict:
+    """Everything a resumed run needs, in the checkpoint layout above."""
+    return {
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        "lr_warmup_scheduler": lr_warmup_scheduler.state_dict() if lr_warmup_scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "last_epoch": int(last_epoch),
+        "global_step": int(global_step),
+        "rng": capture_rng_state(),
+        "config": config,
+        "classes": list(classes) if classes is not None else None,
+        "best": dict(best or {}),
+    }
+
+
+def restore_training_state(
+    checkpoint: dict, *, model, ema, optimizer, lr_scheduler, lr_warmup_scheduler, scaler, source: str
+) -> dict:
+    """Load every part of a checkpoint written by ``training_state`` into the live objects (strict: a resume
+    must fit exactly). Returns ``{"last_epoch", "global_step", "best"}``."""
+    missing = [k for k in ("model", "optimizer", "last_epoch") if checkpoint.get(k) is None]
+    if missing:
+        raise CheckpointError(
+            f"{source} cannot be resumed: it has no {', '.join(missing)} (weights-only files go to -t/--tuning)"
+        )
+    load_state_dict_checked(model, checkpoint["model"], f"{source} [model]", strict=True)
+    if ema is not None:
+        if checkpoint.get("ema"):
+            ema.load_state_dict(checkpoint["ema"])
+        else:
+            logger.warning("%s has no EMA state; the EMA starts from the resumed weights", source)
+            ema.module.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for name, obj in (("lr_scheduler", lr_scheduler), ("lr_warmup_scheduler", lr_warmup_scheduler)):
+        if obj is not None and checkpoint.get(name) is not None:
+            obj.load_state_dict(checkpoint[name])
+    if scaler is not None and scaler.is_enabled() and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint.get("rng"):
+        restore_rng_state(checkpoint["rng"])
+    return {
+        "last_epoch": int(checkpoint["last_epoch"]),
+        "global_step": int(checkpoint.get("global_step", 0)),
+        "best": dict(checkpoint.get("best") or {}),
+    }
+
+
+def map_class_rows(model_tensor: torch.Tensor, source_tensor: torch.Tensor) -> torch.Tensor | None:
+    """Carry classifier rows between Objects365 (366 rows) and COCO (80 rows) heads as the reference does;
+    None when the sizes fit neither direction."""
+    if source_tensor.shape == model_tensor.shape:
+        return source_tensor
+    if source_tensor.shape[1:] != model_tensor.shape[1:]:
+        return None
+    out = model_tensor.detach().clone()
+    needed = max(OBJ365_INDEX_OF_COCO_CLASS) + 2
+    if source_tensor.shape[0] > model_tensor.shape[0] and model_tensor.shape[0] == len(OBJ365_INDEX_OF_COCO_CLASS):
+        if source_tensor.shape[0] < needed:
+            return None
+        for coco, obj in enumerate(OBJ365_INDEX_OF_COCO_CLASS):
+            out[coco] = source_tensor[obj + 1]
+        return out
+    if source_tensor.shape[0] == len(OBJ365_INDEX_OF_COCO_CLASS) and model_tensor.shape[0] >= needed:
+        for coco, obj in enumerate(OBJ365_INDEX_OF_COCO_CLASS):
+            out[obj + 1] = source_tensor[coco]
+        return out
+    return None
+
+
+def is_class_head(name: str) -> bool:
+    return name.startswith("decoder.enc_score_head.") or name.startswith("decoder.dec_score_head.")
+
+
+def load_for_tuning(model: nn.Module, path: str | os.PathLike) -> LoadReport:
+    """Fine-tuning start: weights (EMA preferred) from ``path``; classifier heads are mapped between
+    Objects365 and COCO classes; any other mis-shaped, missing or extra key is skipped and listed."""
+    checkpoint = read_checkpoint(path)
+    state, where = extract_state_dict(checkpoint, str(path))
+    own = model.state_dict()
+    state = dict(state)
+    mapped = []
+    for name, tensor in list(state.items()):
+        if name in own and is_class_head(name) and tensor.shape != own[name].shape:
+            adjusted = map_class_rows(own[name], tensor)
+            if adjusted is not None:
+                state[name] = adjusted
+                mapped.append(name)
+    report = load_state_dict_checked(model, state, f"{path} [{where}]", strict=False)
+    if mapped:
+        logger.info("fine-tuning: mapped Objects365 <-> COCO class rows of %d tensors: %s", len(mapped), ", ".join(mapped))
+    logger.info("fine-tuning from %s\n%s", path, report.describe())
+    return report

@@ -1,0 +1,119 @@
+"""torch.distributed helpers. ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK; without them we are one process.
+
+NCCL on CUDA, gloo on CPU; multi-node jobs come through torchrun's rendezvous, so nothing here is node-aware.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device for this process: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    if not name:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} requested but CUDA is not available; use -d cpu")
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device: torch.device, timeout_minutes: int = 30) -> bool:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1). Returns True when distributed."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 or is_distributed():
+        return is_distributed()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    logger.info("process group: backend %s, rank %d of %d", backend, get_rank(), get_world_size())
+    return True
+
+
+def cleanup_distributed() -> None:
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False, find_unused_parameters: bool = False) -> nn.Module:
+    """DistributedDataParallel around ``model`` when distributed (optionally with SyncBatchNorm)."""
+    if not is_distributed():
+        return model
+    if sync_bn and device.type == "cuda":
+        # converts in place (children are swapped, parameters shared), so optimizer and EMA stay valid
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif sync_bn:
+        logger.warning("sync_bn is ignored on %s (SyncBatchNorm needs CUDA); each rank normalises its own batch", device)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` when not distributed."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+@torch.no_grad()
+def reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean over ranks of each scalar tensor (for logging); the dict order is kept."""
+    if not is_distributed() or not values:
+        return values
+    names = list(values)
+    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
+    dist.all_reduce(stacked)
+    stacked /= get_world_size()
+    return dict(zip(names, stacked))
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True only when ``flag`` is true on every rank (so all ranks take the same branch)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)

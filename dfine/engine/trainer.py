@@ -1,0 +1,214 @@
+"""``run(cfg)``: the whole training (or evaluation) job, built explicitly in reading order:
+data, model, criterion, optimizer, EMA, then the loop with its phases, evaluation and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dfine
+from dfine.checkpoint import read_checkpoint
+from dfine.config import config_to_yaml, dump_config
+from dfine.engine import distributed as dist_utils
+from dfine.engine.build import amp_settings, build_ema, build_optimizer, build_schedulers, warmup_steps
+from dfine.engine.checkpointing import atomic_save, load_for_tuning, restore_training_state, training_state
+from dfine.engine.ema import unwrap
+from dfine.engine.logs import setup_logging
+from dfine.engine.loop import StepSettings, TrainState, evaluate, train_one_epoch
+from dfine.engine.optim import describe_param_groups
+from dfine.engine.phases import PhaseSchedule
+from dfine.engine.preflight import run_preflight
+from dfine.engine.reporting import MetricsLog, dataset_gt_and_labels, log_eval_result
+from dfine.evaluation import CocoEvaluator
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Every epoch starts from its own seed, so a resumed run replays exactly what an uninterrupted one does."""
+    return seed + 100_003 * (epoch + 1) + 7_919 * rank
+
+
+def run(cfg: dict, resume: str | None = None, test_only: bool = False) -> int:
+    """Train (or with ``test_only`` evaluate) as configured. Returns a process exit code."""
+    device = dist_utils.resolve_device(cfg.get("device"))
+    dist_utils.init_distributed(device)
+    rank = dist_utils.get_rank()
+    output_dir = Path(cfg.get("output_dir") or "output")
+    setup_logging(output_dir, rank, "eval.log" if test_only else "train.log")
+    seed = int(cfg.get("seed") or 0)
+    seed_everything(seed + rank)
+    try:
+        return _run(cfg, device, output_dir, seed, resume, test_only)
+    finally:
+        dist_utils.cleanup_distributed()
+
+
+def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: str | None, test_only: bool) -> int:
+    main = dist_utils.is_main_process()
+    if main and not test_only:
+        dump_config(cfg, output_dir / "config.yml")
+        logger.info("resolved config written to %s", output_dir / "config.yml")
+
+    # --- data
+    if not run_preflight(cfg, test_only):
+        return 3
+    train_loader = None if test_only else dfine.build_dataloader(cfg, "train")
+    val_loader = dfine.build_dataloader(cfg, "val")
+
+    # --- model
+    model = dfine.build_model(cfg, load_pretrained=not (resume or test_only))
+    if cfg.get("tuning") and not resume:
+        load_for_tuning(model, cfg["tuning"])
+    model.to(device)
+    postprocessor = dfine.build_postprocessor(cfg).to(device)
+    gt, label_to_category, classes = dataset_gt_and_labels(val_loader.dataset, postprocessor)
+    evaluator = CocoEvaluator(gt)
+    use_amp, amp_dtype = amp_settings(cfg, device)
+
+    if test_only:
+        return _evaluate_only(cfg, model, postprocessor, val_loader, evaluator, device, resume, output_dir, label_to_category, use_amp, amp_dtype)
+
+    # --- criterion
+    criterion = dfine.build_criterion(cfg).to(device)
+
+    # --- optimizer and schedules (built on the bare model, before DDP wraps it)
+    optimizer = build_optimizer(cfg, model)
+    schedule = PhaseSchedule.from_config(cfg, len(train_loader), warmup_steps(cfg))
+    lr_scheduler, lr_warmup_scheduler = build_schedulers(cfg, optimizer, schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+
+    # --- EMA
+    ema = build_ema(cfg, model)
+
+    # --- resume
+    start_epoch, state, best = 0, TrainState(), {}
+    if resume:
+        restored = restore_training_state(
+            read_checkpoint(resume), model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            lr_warmup_scheduler=lr_warmup_scheduler, scaler=scaler, source=resume,
+        )
+        start_epoch, state.global_step, best = restored["last_epoch"] + 1, restored["global_step"], restored["best"]
+        logger.info("resumed from %s: epoch %d, optimizer step %d", resume, start_epoch, state.global_step)
+
+    train_model = dist_utils.wrap_model(
+        model, device, sync_bn=bool(cfg.get("sync_bn")), find_unused_parameters=bool(cfg.get("find_unused_parameters"))
+    )
+    settings = StepSettings(
+        device=device, use_amp=use_amp, amp_dtype=amp_dtype, clip_max_norm=float(cfg.get("clip_max_norm") or 0),
+        accumulation=schedule.accumulation, max_bad_steps=int(cfg.get("max_bad_steps") or 10),
+        print_freq=int(cfg.get("print_freq") or 10),
+    )
+    logger.info("optimizer %s, parameter groups:\n%s", type(optimizer).__name__, describe_param_groups(optimizer))
+    logger.info("training schedule:\n%s", schedule.table())
+    writer = _summary_writer(cfg, output_dir) if dist_utils.is_main_process() else None
+    metrics = MetricsLog(output_dir / "metrics.json", resume=bool(resume))
+    per_epoch_scheduler = lr_scheduler is not None and not getattr(lr_scheduler, "step_per_iteration", False)
+
+    for epoch in range(start_epoch, schedule.epochs):
+        seed_everything(epoch_seed(seed, epoch, dist_utils.get_rank()))
+        train_loader.set_epoch(epoch)
+        if schedule.is_switch_epoch(epoch):
+            enter_no_augmentation_phase(epoch, train_loader, ema, model, optimizer, output_dir)
+
+        train_stats = train_one_epoch(
+            train_model, criterion, train_loader, optimizer, settings, state, epoch=epoch, scaler=scaler, ema=ema,
+            lr_warmup_scheduler=lr_warmup_scheduler, lr_scheduler=lr_scheduler, writer=writer,
+        )
+        if per_epoch_scheduler and (lr_warmup_scheduler is None or lr_warmup_scheduler.finished()):
+            lr_scheduler.step()
+
+        eval_model = ema.module if ema is not None else model
+        result = evaluate(eval_model, postprocessor, val_loader, evaluator, device, label_to_category, use_amp, amp_dtype)
+        is_best = result.ap > best.get("ap", -1.0)
+        if is_best:
+            best = {"ap": result.ap, "epoch": epoch}
+        if dist_utils.is_main_process():
+            log_eval_result(result, epoch, writer)
+            metrics.add(epoch, train_stats, result, best, schedule.phase(epoch))
+            # saved after evaluation, so the stored RNG/best state is exactly what the next epoch starts from
+            ckpt = training_state(
+                model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_scheduler=lr_warmup_scheduler,
+                scaler=scaler, last_epoch=epoch, global_step=state.global_step, config=cfg, classes=classes, best=best,
+            )
+            atomic_save(ckpt, output_dir / "last.pth")
+            if is_best:
+                atomic_save(ckpt, output_dir / "best.pth")
+            freq = int(cfg.get("checkpoint_freq") or 0)
+            if freq and (epoch + 1) % freq == 0:
+                atomic_save(ckpt, output_dir / f"checkpoint{epoch:04d}.pth")
+            logger.info("epoch %d: AP %.4f (best %.4f at epoch %d); checkpoints in %s", epoch, result.ap, best["ap"], best["epoch"], output_dir)
+        dist_utils.barrier()
+
+    if dist_utils.is_main_process():
+        if writer is not None:
+            writer.close()
+        _after_training(cfg, model, ema, postprocessor, val_loader, device, output_dir)
+    return 0
+
+
+def enter_no_augmentation_phase(epoch, train_loader, ema, model, optimizer, output_dir: Path) -> None:
+    """The switch into the last phase, in one place: restart from the best weights so far (as the reference),
+    augmentation policy off and single-scale batches (both follow ``loader.set_epoch``), EMA restarted with
+    its own decay."""
+    logger.info("=== epoch %d: entering the no-augmentation phase ===", epoch)
+    best_path = output_dir / "best.pth"
+    if best_path.is_file():
+        best = read_checkpoint(best_path)
+        model.load_state_dict(best["model"])
+        if ema is not None and best.get("ema"):
+            ema.load_state_dict({**best["ema"], "decay": ema.decay})
+        if best.get("optimizer"):
+            optimizer.load_state_dict(best["optimizer"])
+        logger.info("weights, EMA and optimizer state reloaded from %s (epoch %s)", best_path, best.get("last_epoch"))
+    dataset, collate = train_loader.dataset, train_loader.collate_fn
+    transforms = getattr(dataset, "transforms", None)
+    if transforms is not None and hasattr(transforms, "stopped_ops"):
+        logger.info("augmentation ops now off: %s", ", ".join(sorted(transforms.stopped_ops(epoch))) or "(none)")
+    if hasattr(collate, "size_for") and collate.size_for(epoch, 0) is not None:
+        logger.warning("the collate function still draws multi-scale sizes at epoch %d: set its stop_epoch", epoch)
+    if ema is not None:
+        ema.restart()
+
+
+def _evaluate_only(cfg, model, postprocessor, val_loader, evaluator, device, resume, output_dir, label_to_category, use_amp, amp_dtype) -> int:
+    if resume:
+        dfine.load_checkpoint(model, resume)  # EMA weights when present
+    result = evaluate(model, postprocessor, val_loader, evaluator, device, label_to_category, use_amp, amp_dtype)
+    if dist_utils.is_main_process():
+        log_eval_result(result, None, None)
+        path = output_dir / "eval_metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"checkpoint": resume, **result.as_dict()}, indent=1))
+        logger.info("metrics written to %s", path)
+    return 0
+
+
+def _summary_writer(cfg: dict, output_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(cfg.get("summary_dir") or output_dir / "summary"))
+    writer.add_text("config", "```\n" + config_to_yaml(cfg) + "\n```", 0)
+    return writer
+
+
+def _after_training(cfg, model, ema, postprocessor, val_loader, device, output_dir: Path) -> None:
+    """A picture of the final (EMA) model's detections on validation images, for a quick look."""
+    from dfine.engine.visualize import draw_validation_detections
+
+    try:
+        path = draw_validation_detections(ema.module if ema is not None else unwrap(model), postprocessor, val_loader.dataset, device, output_dir / "detections.png")
+        logger.info("detections on validation images drawn in %s", path)
+    except Exception as err:  # noqa: BLE001 - a picture is never worth failing a finished training for
+        logger.warning("could not draw detections: %s", err)

@@ -1,0 +1,171 @@
+"""Time the train step, the eval forward or the data pipeline, with the protocol of DESIGN.md's performance note.
+
+    python tools/benchmark.py train -c configs/dfine_n_coco.yml           # forward, criterion, backward, clip, step; EMA apart
+    python tools/benchmark.py eval -c configs/dfine_s_coco.yml            # eval-mode forward latency
+    python tools/benchmark.py data -c configs/dfine_n_demo.yml            # images/s of the train loader
+
+Defaults: fp32 on the CPU, torch.set_num_threads(2), 640x640, batch 2 (train, with the reference's targets_640
+from ../shared/reference/inputs.pt when present) or 1 (eval), median of 5 timed runs after 2 warm-ups.
+Prints a table and writes JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+REFERENCE_INPUTS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "inputs.pt"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("train", "eval", "data"))
+    parser.add_argument("-c", "--config", default="configs/dfine_n_coco.yml")
+    parser.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("-d", "--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0 leaves it alone)")
+    parser.add_argument("--size", type=int, default=640)
+    parser.add_argument("--batch-size", type=int, help="default 2 for train, 1 for eval")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--amp", choices=("bfloat16", "float16"), help="autocast dtype (default fp32)")
+    parser.add_argument("--json", default="benchmark.json", help="where the results go")
+    return parser.parse_args(argv)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def inputs(batch: int, size: int, device: torch.device, num_classes: int):
+    """Images [B, 3, size, size] in [0, 1] and targets: the reference's 640 inputs when available, else seeded."""
+    if size == 640 and REFERENCE_INPUTS.is_file():
+        data = torch.load(REFERENCE_INPUTS, weights_only=True)
+        images = data["images_640_u8"].float() / 255.0
+        targets = list(data["targets_640"])
+        reps = -(-batch // images.shape[0])
+        images = images.repeat(reps, 1, 1, 1)[:batch]
+        targets = (targets * reps)[:batch]
+        source = "reference inputs.pt"
+    else:
+        g = torch.Generator().manual_seed(0)
+        images = torch.rand(batch, 3, size, size, generator=g)
+        targets = []
+        for _ in range(batch):
+            n = 6
+            centres = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+            sizes = torch.rand(n, 2, generator=g) * 0.3 + 0.05
+            targets.append({"boxes": torch.cat([centres, sizes], 1), "labels": torch.randint(0, num_classes, (n,), generator=g)})
+        source = "seeded random"
+    targets = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+    return images.to(device), targets, source
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def bench_train(cfg: dict, args, device: torch.device) -> dict:
+    import dfine
+    from dfine.engine.build import build_optimizer
+    from dfine.engine.ema import ModelEMA
+
+    batch = args.batch_size or 2
+    model = dfine.build_model(cfg, load_pretrained=False).to(device).train()
+    criterion = dfine.build_criterion(cfg).to(device).train()
+    optimizer = build_optimizer(cfg, model)
+    ema = ModelEMA(model)
+    images, targets, source = inputs(batch, args.size, device, int(cfg.get("num_classes", 80)))
+    clip = float(cfg.get("clip_max_norm") or 0.1)
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.amp)
+    phases = {k: [] for k in ("forward", "criterion", "backward", "clip", "step", "train_step", "ema")}
+    for i in range(args.warmup + args.runs):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            outputs, t_fwd = timed(lambda: model(images, targets), device)
+        losses, t_crit = timed(lambda: criterion(outputs, targets), device)
+        _, t_bwd = timed(lambda: sum(losses.values()).backward(), device)
+        _, t_clip = timed(lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), clip), device)
+        _, t_step = timed(optimizer.step, device)
+        _, t_ema = timed(lambda: ema.update(model), device)
+        if i >= args.warmup:
+            for name, value in zip(phases, (t_fwd, t_crit, t_bwd, t_clip, t_step, t_fwd + t_crit + t_bwd + t_clip + t_step, t_ema)):
+                phases[name].append(value)
+    return {"batch": batch, "inputs": source, "median_s": {k: statistics.median(v) for k, v in phases.items()}, "runs_s": phases}
+
+
+def bench_eval(cfg: dict, args, device: torch.device) -> dict:
+    import dfine
+
+    batch = args.batch_size or 1
+    model = dfine.build_model(cfg, load_pretrained=False).to(device).eval()
+    images, _, source = inputs(batch, args.size, device, int(cfg.get("num_classes", 80)))
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.amp)
+    times = []
+    with torch.no_grad():
+        for i in range(args.warmup + args.runs):
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                _, t = timed(lambda: model(images), device)
+            if i >= args.warmup:
+                times.append(t)
+    return {"batch": batch, "inputs": source, "median_s": {"forward": statistics.median(times)}, "runs_s": {"forward": times}}
+
+
+def bench_data(cfg: dict, args, device: torch.device) -> dict:
+    try:
+        from dfine.data.throughput import measure
+    except ImportError as err:
+        raise SystemExit(f"error: data mode needs dfine/data/throughput.py ({err})") from None
+    return {"result": measure(cfg)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from dfine.config import ConfigError, load_config
+
+    try:
+        overrides = list(args.update)
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if cfg.get("eval_spatial_size") not in (None, [args.size, args.size]):
+        # the model caches anchors for eval_spatial_size: build it for the size it is timed at
+        cfg = load_config(args.config, overrides + [f"eval_spatial_size=[{args.size}, {args.size}]"])
+    run = {"train": bench_train, "eval": bench_eval, "data": bench_data}[args.mode]
+    result = run(cfg, args, device)
+    report = {
+        "mode": args.mode, "config": args.config, "device": str(device), "threads": torch.get_num_threads(),
+        "size": args.size, "amp": args.amp or "fp32", "warmup": args.warmup, "runs": args.runs,
+        "torch": torch.__version__, **result,
+    }
+    if "median_s" in result:
+        print(f"{args.mode} benchmark: {args.config}, {report['amp']}, {args.size}px, batch {result['batch']}, "
+              f"{report['threads']} threads, median of {args.runs} after {args.warmup} warm-ups ({result['inputs']})")
+        for name, value in result["median_s"].items():
+            print(f"  {name:<11} {value:8.4f} s")
+    else:
+        print(json.dumps(result, indent=1))
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f"written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
