@@ -69,3 +69,16 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """logit(x) with x clamped to [0, 1] and both terms to at least eps, as the reference does."""
     x = x.clamp(min=0.0, max=1.0)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Generalized IoU of matching rows of two [N, 4] xyxy box sets -> [N] (the diagonal of generalized_box_iou,
+    without the N x M matrix). Boxes are assumed non-inverted, as produced by box_cxcywh_to_xyxy."""
+    top_left = torch.max(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = box_area(boxes1) + box_area(boxes2) - inter
+    outer_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    enclosing = outer_wh[:, 0] * outer_wh[:, 1]
+    return inter / union - (enclosing - union) / enclosing
