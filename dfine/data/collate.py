@@ -1,0 +1,75 @@
+"""Batching with multi-scale training: one image size per step, the same on every rank."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from dfine.registry import COLLATORS, ConfigError
+
+
+def generate_scales(base_size: int, base_size_repeat: int) -> list[int]:
+    """The reference's scale list: multiples of 32 from 0.75 x base_size up to base_size (exclusive),
+    ``base_size`` itself ``base_size_repeat`` times (so it is drawn more often), then multiples of 32 from
+    1.25 x base_size down. For 640 and 3: 480..608, 640 x 3, 800..672."""
+    low = int(base_size * 0.75 / 32) * 32
+    high = int(base_size * 1.25 / 32) * 32
+    steps = (base_size - low) // 32
+    return [low + 32 * i for i in range(steps)] + [base_size] * base_size_repeat + [high - 32 * i for i in range(steps)]
+
+
+@COLLATORS.register
+class BatchImageCollateFunction:
+    """Stack ``(image [3, H, W], target)`` items into ``(images [B, 3, H, W], targets)``.
+
+    Until ``stop_epoch``, with ``base_size_repeat`` set, each batch is resized (``mode`` interpolation, nearest
+    as in the reference) to a square size drawn from ``generate_scales(base_size, base_size_repeat)``. The draw
+    is a function of (``seed``, epoch, step) only, so every DDP rank picks the same size at the same step;
+    boxes are normalised and need no change. ``ema_restart_decay`` is read by the engine when the
+    no-augmentation phase restarts the EMA.
+
+    Items coming from the loader carry ``(epoch, step)`` as a third element; items without it use the epoch
+    set by ``set_epoch`` and a call counter.
+    """
+
+    def __init__(self, base_size: int = 640, base_size_repeat: int | None = None, stop_epoch: int | None = None,
+                 ema_restart_decay: float = 0.9999, seed: int = 0, mode: str = "nearest"):
+        self.base_size = base_size
+        self.scales = generate_scales(base_size, base_size_repeat) if base_size_repeat is not None else None
+        self.stop_epoch = stop_epoch if stop_epoch is not None else float("inf")
+        self.ema_restart_decay = ema_restart_decay
+        self.seed = seed
+        self.mode = mode
+        self.epoch = -1
+        self._calls = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._calls = 0
+
+    def size_for(self, epoch: int, step: int) -> int | None:
+        """The square batch size at (epoch, step), or None to keep the transforms' size."""
+        if self.scales is None or epoch >= self.stop_epoch:
+            return None
+        # str seeds hash with SHA-512 in Python's random: identical in every process, unlike hash()
+        return random.Random(f"{self.seed}:{epoch}:{step}").choice(self.scales)
+
+    def __call__(self, items):
+        if len(items[0]) == 3:
+            epoch, step = items[0][2]
+        else:
+            epoch, step = self.epoch, self._calls
+            self._calls += 1
+        shapes = {tuple(item[0].shape) for item in items}
+        if len(shapes) > 1:
+            raise ConfigError(
+                f"images in one batch differ in shape {sorted(shapes)}; add a Resize to the dataset transforms"
+            )
+        images = torch.stack([item[0] for item in items])
+        targets = [item[1] for item in items]
+        size = self.size_for(epoch, step)
+        if size is not None and images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode=self.mode)
+        return images, targets
