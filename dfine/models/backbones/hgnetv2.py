@@ -1,0 +1,287 @@
+"""HGNetV2 (PP-HGNetV2, PaddlePaddle), the D-FINE backbone, variants B0..B6.
+
+A stem (stride 4) and four stages (strides 4, 8, 16, 32). Each stage is an optional depthwise strided
+conv followed by HG blocks: a chain of convs whose outputs are all concatenated with the block input and
+aggregated by two 1x1 convs (squeeze to half width, then expand); blocks after the first add a residual.
+Stages 3 and 4 use "light" layers (1x1 conv, then a depthwise conv). With ``use_lab`` every activated conv
+is followed by a learnable affine block (LAB: one scalar scale and bias).
+
+Module and parameter names equal the reference (``stem.stem1.conv.weight``, ``stages.2.blocks.0.layers.1
+.conv2.bn.running_mean``, ...) so its checkpoints and the ImageNet "stage1" weights load as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from dfine.registry import BACKBONES
+
+logger = logging.getLogger(__name__)
+
+PRETRAINED_URL = "https://github.com/Peterande/storage/releases/download/dfinev1.0/PPHGNetV2_{name}_stage1.pth"
+
+# per stage: in, mid, out channels, HG blocks, downsample first, light layers, kernel size, layers per block
+ARCHS: dict[str, dict] = {
+    "B0": {"stem": (3, 16, 16), "stages": [
+        (16, 16, 64, 1, False, False, 3, 3), (64, 32, 256, 1, True, False, 3, 3),
+        (256, 64, 512, 2, True, True, 5, 3), (512, 128, 1024, 1, True, True, 5, 3)]},
+    "B1": {"stem": (3, 24, 32), "stages": [
+        (32, 32, 64, 1, False, False, 3, 3), (64, 48, 256, 1, True, False, 3, 3),
+        (256, 96, 512, 2, True, True, 5, 3), (512, 192, 1024, 1, True, True, 5, 3)]},
+    "B2": {"stem": (3, 24, 32), "stages": [
+        (32, 32, 96, 1, False, False, 3, 4), (96, 64, 384, 1, True, False, 3, 4),
+        (384, 128, 768, 3, True, True, 5, 4), (768, 256, 1536, 1, True, True, 5, 4)]},
+    "B3": {"stem": (3, 24, 32), "stages": [
+        (32, 32, 128, 1, False, False, 3, 5), (128, 64, 512, 1, True, False, 3, 5),
+        (512, 128, 1024, 3, True, True, 5, 5), (1024, 256, 2048, 1, True, True, 5, 5)]},
+    "B4": {"stem": (3, 32, 48), "stages": [
+        (48, 48, 128, 1, False, False, 3, 6), (128, 96, 512, 1, True, False, 3, 6),
+        (512, 192, 1024, 3, True, True, 5, 6), (1024, 384, 2048, 1, True, True, 5, 6)]},
+    "B5": {"stem": (3, 32, 64), "stages": [
+        (64, 64, 128, 1, False, False, 3, 6), (128, 128, 512, 2, True, False, 3, 6),
+        (512, 256, 1024, 5, True, True, 5, 6), (1024, 512, 2048, 2, True, True, 5, 6)]},
+    "B6": {"stem": (3, 48, 96), "stages": [
+        (96, 96, 192, 2, False, False, 3, 6), (192, 192, 512, 3, True, False, 3, 6),
+        (512, 384, 1024, 6, True, True, 5, 6), (1024, 768, 2048, 3, True, True, 5, 6)]},
+}
+STAGE_STRIDES = (4, 8, 16, 32)
+
+
+class PretrainedWeightsError(RuntimeError):
+    """The pretrained backbone weights could not be found, downloaded or loaded."""
+
+
+class LearnableAffineBlock(nn.Module):
+    """y = scale * x + bias with one learnable scalar each (HGNetV2's LAB)."""
+
+    def __init__(self, scale_value: float = 1.0, bias_value: float = 0.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([scale_value]))
+        self.bias = nn.Parameter(torch.tensor([bias_value]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * x + self.bias
+
+
+class ConvBNAct(nn.Module):
+    """Conv (no bias) -> BatchNorm (key ``bn``) -> ReLU -> LAB; no ReLU and no LAB when ``use_act`` is False.
+
+    Kept here rather than in dfine/layers because its key layout (``bn``, ``lab``) is HGNetV2's own.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1,
+                 use_act: bool = True, use_lab: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=(kernel_size - 1) // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        self.act = nn.ReLU() if use_act else nn.Identity()
+        self.lab = LearnableAffineBlock() if use_act and use_lab else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lab(self.act(self.bn(self.conv(x))))
+
+
+class LightConvBNAct(nn.Module):
+    """1x1 conv-BN (no activation), then a depthwise kxk conv-BN-ReLU(-LAB)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, use_lab: bool = False):
+        super().__init__()
+        self.conv1 = ConvBNAct(in_chs, out_chs, 1, use_act=False, use_lab=use_lab)
+        self.conv2 = ConvBNAct(out_chs, out_chs, kernel_size, groups=out_chs, use_act=True, use_lab=use_lab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(self.conv1(x))
+
+
+class StemBlock(nn.Module):
+    """Stride-4 stem: 3x3/2 conv, then a max-pool branch and a two-conv 2x2 branch, concatenated, 3x3/2, 1x1."""
+
+    def __init__(self, in_chs: int, mid_chs: int, out_chs: int, use_lab: bool = False):
+        super().__init__()
+        self.stem1 = ConvBNAct(in_chs, mid_chs, 3, stride=2, use_lab=use_lab)
+        self.stem2a = ConvBNAct(mid_chs, mid_chs // 2, 2, use_lab=use_lab)
+        self.stem2b = ConvBNAct(mid_chs // 2, mid_chs, 2, use_lab=use_lab)
+        self.stem3 = ConvBNAct(mid_chs * 2, mid_chs, 3, stride=2, use_lab=use_lab)
+        self.stem4 = ConvBNAct(mid_chs, out_chs, 1, use_lab=use_lab)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=1, ceil_mode=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, 3, H, W] -> [B, out_chs, H / 4, W / 4]."""
+        x = F.pad(self.stem1(x), (0, 1, 0, 1))  # 2x2 kernels keep the size only with one extra row/column
+        branch = self.stem2b(F.pad(self.stem2a(x), (0, 1, 0, 1)))
+        x = torch.cat([self.pool(x), branch], dim=1)
+        return self.stem4(self.stem3(x))
+
+
+class HGBlock(nn.Module):
+    """``layer_num`` chained convs; input and every output concatenated, squeezed to out/2 then out (1x1 each)."""
+
+    def __init__(self, in_chs: int, mid_chs: int, out_chs: int, layer_num: int, kernel_size: int = 3,
+                 residual: bool = False, light_block: bool = False, use_lab: bool = False):
+        super().__init__()
+        self.residual = residual
+        self.layers = nn.ModuleList()
+        for i in range(layer_num):
+            chs = in_chs if i == 0 else mid_chs
+            if light_block:
+                self.layers.append(LightConvBNAct(chs, mid_chs, kernel_size, use_lab=use_lab))
+            else:
+                self.layers.append(ConvBNAct(chs, mid_chs, kernel_size, use_lab=use_lab))
+        total_chs = in_chs + layer_num * mid_chs
+        self.aggregation = nn.Sequential(
+            ConvBNAct(total_chs, out_chs // 2, 1, use_lab=use_lab),
+            ConvBNAct(out_chs // 2, out_chs, 1, use_lab=use_lab),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        outputs = [x]
+        y = x
+        for layer in self.layers:
+            y = layer(y)
+            outputs.append(y)
+        y = self.aggregation(torch.cat(outputs, dim=1))
+        return y + x if self.residual else y
+
+
+class HGStage(nn.Module):
+    """Optional depthwise 3x3/2 conv-BN (no activation), then ``block_num`` HG blocks (residual after the first)."""
+
+    def __init__(self, in_chs: int, mid_chs: int, out_chs: int, block_num: int, layer_num: int, downsample: bool = True,
+                 light_block: bool = False, kernel_size: int = 3, use_lab: bool = False):
+        super().__init__()
+        self.downsample = (
+            ConvBNAct(in_chs, in_chs, 3, stride=2, groups=in_chs, use_act=False, use_lab=use_lab) if downsample else nn.Identity()
+        )
+        self.blocks = nn.Sequential(*[
+            HGBlock(in_chs if i == 0 else out_chs, mid_chs, out_chs, layer_num, kernel_size=kernel_size,
+                    residual=i > 0, light_block=light_block, use_lab=use_lab)
+            for i in range(block_num)
+        ])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.downsample(x))
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d below ``module`` by a FrozenBatchNorm2d holding its current statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+@BACKBONES.register
+class HGNetV2(nn.Module):
+    """HGNetV2 backbone returning the feature maps of the stages in ``return_idx``.
+
+    Args (names as in the reference YAML):
+        name: variant, 'B0'..'B6'.
+        use_lab: learnable affine blocks after activations.
+        return_idx: stages to return (0..3, strides 4, 8, 16, 32).
+        freeze_at: -1 freezes nothing; >= 0 freezes the stem, and with ``freeze_stem_only=False`` also
+            stages 0..freeze_at (parameters get requires_grad=False).
+        freeze_stem_only: see ``freeze_at``.
+        freeze_norm: replace every BatchNorm by a FrozenBatchNorm2d (fixed statistics and affine).
+        pretrained: load the ImageNet weights ``PPHGNetV2_{name}_stage1.pth``: from ``local_model_dir`` when
+            the file is there, else downloaded from the reference's release into ``local_model_dir``.
+            With False nothing is read or downloaded.
+        local_model_dir: folder of the pretrained file, or the path of the file itself.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        use_lab: bool = False,
+        return_idx: Sequence[int] = (1, 2, 3),
+        freeze_stem_only: bool = True,
+        freeze_at: int = 0,
+        freeze_norm: bool = True,
+        pretrained: bool = True,
+        local_model_dir: str = "weight/hgnetv2/",
+    ):
+        super().__init__()
+        if name not in ARCHS:
+            raise ValueError(f"unknown HGNetV2 variant `{name}`; known: {', '.join(ARCHS)}")
+        bad = [i for i in return_idx if not 0 <= i < 4]
+        if bad:
+            raise ValueError(f"HGNetV2 return_idx {list(return_idx)} must name stages 0..3")
+        self.name = name
+        self.use_lab = use_lab
+        self.return_idx = list(return_idx)
+        arch = ARCHS[name]
+        self.out_channels = [arch["stages"][i][2] for i in self.return_idx]
+        self.out_strides = [STAGE_STRIDES[i] for i in self.return_idx]
+
+        self.stem = StemBlock(*arch["stem"], use_lab=use_lab)
+        self.stages = nn.ModuleList(
+            HGStage(in_c, mid_c, out_c, blocks, layers, downsample, light, kernel, use_lab)
+            for in_c, mid_c, out_c, blocks, downsample, light, kernel, layers in arch["stages"]
+        )
+
+        if freeze_at >= 0:
+            self.stem.requires_grad_(False)
+            if not freeze_stem_only:
+                for stage in self.stages[: freeze_at + 1]:
+                    stage.requires_grad_(False)
+        if freeze_norm:
+            freeze_batchnorm(self)
+        if pretrained:
+            self.load_pretrained(local_model_dir)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """[B, 3, H, W] -> one [B, out_channels[i], H / out_strides[i], W / out_strides[i]] map per returned stage."""
+        x = self.stem(x)
+        outs = []
+        for idx, stage in enumerate(self.stages):
+            x = stage(x)
+            if idx in self.return_idx:
+                outs.append(x)
+        return outs
+
+    def load_pretrained(self, local_model_dir: str) -> None:
+        """Load the ImageNet weights from ``local_model_dir`` or download them there (rank 0 first)."""
+        url = PRETRAINED_URL.format(name=self.name)
+        file_name = os.path.basename(url)
+        if os.path.isfile(local_model_dir):
+            path, folder = local_model_dir, os.path.dirname(local_model_dir) or "."
+        else:
+            path, folder = os.path.join(local_model_dir, file_name), local_model_dir
+        disable = "set `model.backbone.pretrained: false` (or `-u model.backbone.pretrained=false`, or build_model(..., load_pretrained=False))"
+        if not os.path.isfile(path):
+            distributed = dist.is_available() and dist.is_initialized()
+            if not distributed or dist.get_rank() == 0:
+                logger.info("HGNetV2-%s: downloading pretrained weights from %s to %s", self.name, url, folder)
+                try:
+                    os.makedirs(folder, exist_ok=True)
+                    torch.hub.download_url_to_file(url, path, progress=False)
+                except Exception as err:  # noqa: BLE001 - any failure gets the same actionable message
+                    raise PretrainedWeightsError(
+                        f"HGNetV2-{self.name}: pretrained weights not found at {path} and the download from {url} "
+                        f"failed ({type(err).__name__}: {err}). Download the file by hand into {folder}, point "
+                        f"`model.backbone.local_model_dir` at it, or {disable}."
+                    ) from err
+            if distributed:
+                dist.barrier()
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.load_state_dict(state)
+        except Exception as err:  # noqa: BLE001
+            raise PretrainedWeightsError(
+                f"HGNetV2-{self.name}: cannot load pretrained weights from {path} ({type(err).__name__}: {err}). "
+                f"Replace the file (source: {url}) or {disable}."
+            ) from err
+        logger.info("HGNetV2-%s: loaded pretrained weights from %s", self.name, path)
