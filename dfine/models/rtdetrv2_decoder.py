@@ -1,0 +1,354 @@
+"""The RT-DETRv2 decoder (arXiv 2407.17140): query selection from encoder features, then a stack of layers that
+each refine the boxes of the previous one (iterative box refinement, as in Deformable DETR).
+
+Flow for a batch of multi-level features::
+
+    feats -> input projection (1x1 conv + BN per level) -> flattened memory [B, L, C] + one anchor per position
+          -> encoder head scores every position; the top ``num_queries`` become the queries, their encoder boxes
+             the first references
+          -> per layer: self-attention, deformable cross-attention around the reference box (a distinct number
+             of sampling points per level, ``default`` bilinear or ``discrete`` sampling), feed-forward;
+             the box head predicts a correction in logit space, and the corrected box is the next reference.
+
+Its differences from D-FINE, which grew out of it: no FDR/LQE (boxes are direct logit-space offsets), plain
+residual + LayerNorm instead of D-FINE's gate, and each cross-attention projects its own values. The encoder
+side (anchors, top-k selection, encoder heads) and contrastive denoising are the very same as D-FINE's and are
+shared with dfine/models/dfine_decoder.py and dfine/models/denoising.py, not copied.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from dfine.layers.deformable_attention import SAMPLING_METHODS, MSDeformableAttention
+from dfine.layers.mlp import MLP, mlp_activation
+from dfine.models.denoising import DenoisingGroup, contrastive_denoising_group
+from dfine.models.dfine_decoder import QUERY_SELECT_METHODS, DFINETransformer, bias_for_prior, generate_anchors
+from dfine.ops.boxes import inverse_sigmoid
+from dfine.registry import DECODERS
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Post-norm layer: self-attention, deformable cross-attention (with value/output projections), feed-forward;
+    each followed by a residual sum and LayerNorm (``norm1``, ``norm2``, ``norm3``)."""
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_head: int = 8,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        n_levels: int = 4,
+        n_points: int | Sequence[int] = 4,
+        cross_attn_method: str = "default",
+    ):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn = MSDeformableAttention(
+            d_model, n_head, n_levels, n_points, method=cross_attn_method, value_proj=True
+        )
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.activation = mlp_activation(activation)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def forward(
+        self,
+        target: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: Sequence[Sequence[int]],
+        attn_mask: Tensor | None = None,
+        query_pos_embed: Tensor | None = None,
+    ) -> Tensor:
+        """target [B, Q, C], reference_points [B, Q, 1, 4] cxcywh in [0, 1], memory [B, L, C] -> [B, Q, C]."""
+        q = k = target if query_pos_embed is None else target + query_pos_embed
+        # need_weights=False lets PyTorch use its fused attention kernel.
+        attended, _ = self.self_attn(q, k, value=target, attn_mask=attn_mask, need_weights=False)
+        target = self.norm1(target + self.dropout1(attended))
+
+        query = target if query_pos_embed is None else target + query_pos_embed
+        sampled = self.cross_attn(query, reference_points, memory, spatial_shapes)
+        target = self.norm2(target + self.dropout2(sampled))
+
+        ffn = self.linear2(self.dropout3(self.activation(self.linear1(target))))
+        return self.norm3(target + self.dropout4(ffn))
+
+
+class TransformerDecoder(nn.Module):
+    """The layer stack (keys ``layers.{i}``); the heads live in RTDETRTransformerv2 and are passed to forward."""
+
+    def __init__(self, decoder_layer: TransformerDecoderLayer, num_layers: int, eval_idx: int = -1):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(decoder_layer) for _ in range(num_layers))
+        self.num_layers = num_layers
+        self.eval_idx = eval_idx if eval_idx >= 0 else num_layers + eval_idx
+
+    def forward(
+        self,
+        target: Tensor,
+        ref_points_unact: Tensor,
+        memory: Tensor,
+        spatial_shapes: Sequence[Sequence[int]],
+        bbox_head: nn.ModuleList,
+        score_head: nn.ModuleList,
+        query_pos_head: nn.Module,
+        attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Run the layers.
+
+        Args:
+            target: [B, Q, C] query content; ref_points_unact: [B, Q, 4] initial boxes in logit space.
+            memory: [B, L, C] flattened features.
+        Returns:
+            boxes [n, B, Q, 4] cxcywh and logits [n, B, Q, num_classes]: every layer in training, only eval_idx
+            otherwise.
+        """
+        output = target
+        reference = torch.sigmoid(ref_points_unact)  # no gradient: it only says where to look
+        previous_box = reference
+        boxes_per_layer, logits_per_layer = [], []
+        for i, layer in enumerate(self.layers):
+            query_pos_embed = query_pos_head(reference)
+            output = layer(output, reference.unsqueeze(2), memory, spatial_shapes, attn_mask, query_pos_embed)
+            delta = bbox_head[i](output)
+            box = torch.sigmoid(delta + inverse_sigmoid(reference))
+            if self.training:
+                # "Look forward twice" (DINO): the supervised box refines the previous layer's box with its
+                # gradient, so each loss also trains the box head one layer back (and no further: that box was
+                # itself computed from a detached reference). Same value as `box`, a different graph.
+                boxes_per_layer.append(torch.sigmoid(delta + inverse_sigmoid(previous_box)))
+                logits_per_layer.append(score_head[i](output))
+            elif i == self.eval_idx:
+                boxes_per_layer.append(box)
+                logits_per_layer.append(score_head[i](output))
+                break
+            previous_box = box
+            reference = box.detach()
+        return torch.stack(boxes_per_layer), torch.stack(logits_per_layer)
+
+
+@DECODERS.register
+class RTDETRTransformerv2(nn.Module):
+    """RT-DETRv2 decoder head: query selection, refinement layers, class/box heads, contrastive denoising.
+
+    Args (names follow the reference YAML):
+        num_classes: classes predicted (sigmoid/focal scores, no background class).
+        hidden_dim: query and memory width.
+        num_queries: queries selected from the encoder output.
+        feat_channels, feat_strides: channels and strides of the encoder levels.
+        num_levels: levels attended; extra levels are made by stride-2 convs on the last one.
+        num_points: deformable sampling points per level (int or one per level).
+        nhead, num_layers, dim_feedforward, dropout, activation: decoder layer settings.
+        num_denoising, label_noise_ratio, box_noise_scale: contrastive denoising (0 disables it).
+        learn_query_content: learned query content instead of the selected encoder features.
+        eval_spatial_size: [H, W] whose anchors are cached for evaluation (other sizes are generated).
+        eval_idx: layer whose output is the prediction (negative counts from the end).
+        eps: anchors closer than eps to the image border are invalid.
+        aux_loss: return the per-layer, encoder and denoising outputs in training.
+        cross_attn_method: ``default`` (bilinear) or ``discrete`` sampling.
+        query_select_method: ``default`` (best class), ``agnostic`` (one objectness score) or ``one2many``.
+    """
+
+    # The encoder side is the one D-FINE inherited from RT-DETRv2: shared with DFINETransformer, not copied.
+    # These methods read only attributes that both classes define with the same meaning.
+    _flatten_features = DFINETransformer._flatten_features
+    _anchors_for = DFINETransformer._anchors_for
+    _select_queries = DFINETransformer._select_queries
+    _gather = DFINETransformer.__dict__["_gather"]
+    _initial_queries = DFINETransformer._initial_queries
+
+    def __init__(
+        self,
+        num_classes: int = 80,
+        hidden_dim: int = 256,
+        num_queries: int = 300,
+        feat_channels: Sequence[int] = (512, 1024, 2048),
+        feat_strides: Sequence[int] = (8, 16, 32),
+        num_levels: int = 3,
+        num_points: int | Sequence[int] = 4,
+        nhead: int = 8,
+        num_layers: int = 6,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        num_denoising: int = 100,
+        label_noise_ratio: float = 0.5,
+        box_noise_scale: float = 1.0,
+        learn_query_content: bool = False,
+        eval_spatial_size: Sequence[int] | None = None,
+        eval_idx: int = -1,
+        eps: float = 1e-2,
+        aux_loss: bool = True,
+        cross_attn_method: str = "default",
+        query_select_method: str = "default",
+    ):
+        super().__init__()
+        feat_channels, feat_strides = list(feat_channels), list(feat_strides)
+        if len(feat_channels) > num_levels or len(feat_strides) != len(feat_channels):
+            raise ValueError(
+                f"feat_channels {feat_channels} and feat_strides {feat_strides} must have the same length, "
+                f"at most num_levels={num_levels}"
+            )
+        if query_select_method not in QUERY_SELECT_METHODS:
+            raise ValueError(f"query_select_method `{query_select_method}` is not one of {QUERY_SELECT_METHODS}")
+        if cross_attn_method not in SAMPLING_METHODS:
+            raise ValueError(f"cross_attn_method `{cross_attn_method}` is not one of {SAMPLING_METHODS}")
+        if not -num_layers <= eval_idx < num_layers:
+            raise ValueError(f"eval_idx {eval_idx} is outside the {num_layers} decoder layers")
+        while len(feat_strides) < num_levels:
+            feat_strides.append(feat_strides[-1] * 2)
+
+        self.hidden_dim = hidden_dim
+        self.nhead = nhead
+        self.feat_strides = feat_strides
+        self.num_levels = num_levels
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.eps = eps
+        self.num_layers = num_layers
+        self.eval_spatial_size = list(eval_spatial_size) if eval_spatial_size else None
+        self.aux_loss = aux_loss
+        self.cross_attn_method = cross_attn_method
+        self.query_select_method = query_select_method
+
+        self.input_proj = self._build_input_proj(feat_channels)
+        layer = TransformerDecoderLayer(
+            hidden_dim, nhead, dim_feedforward, dropout, activation, num_levels, num_points, cross_attn_method
+        )
+        self.decoder = TransformerDecoder(layer, num_layers, eval_idx)
+
+        self.num_denoising = num_denoising
+        self.label_noise_ratio = label_noise_ratio
+        self.box_noise_scale = box_noise_scale
+        if num_denoising > 0:
+            self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
+            nn.init.normal_(self.denoising_class_embed.weight[:-1])
+
+        self.learn_query_content = learn_query_content
+        if learn_query_content:
+            self.tgt_embed = nn.Embedding(num_queries, hidden_dim)
+        self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, 2)
+
+        self.enc_output = nn.Sequential(
+            OrderedDict([("proj", nn.Linear(hidden_dim, hidden_dim)), ("norm", nn.LayerNorm(hidden_dim))])
+        )
+        self.enc_score_head = nn.Linear(hidden_dim, 1 if query_select_method == "agnostic" else num_classes)
+        self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.dec_score_head = nn.ModuleList(nn.Linear(hidden_dim, num_classes) for _ in range(num_layers))
+        self.dec_bbox_head = nn.ModuleList(MLP(hidden_dim, hidden_dim, 4, 3) for _ in range(num_layers))
+
+        self._anchor_shapes: list[list[int]] | None = None
+        if self.eval_spatial_size:
+            height, width = self.eval_spatial_size
+            self._anchor_shapes = [[int(height / s), int(width / s)] for s in self.feat_strides]
+            anchors, valid_mask = generate_anchors(self._anchor_shapes, eps=eps)
+            self.register_buffer("anchors", anchors)
+            self.register_buffer("valid_mask", valid_mask)
+        self._reset_parameters()
+
+    def _build_input_proj(self, feat_channels: list[int]) -> nn.ModuleList:
+        """1x1 conv + BN per level to hidden_dim (always, unlike D-FINE), then stride-2 3x3 convs for extra levels."""
+
+        def conv_bn(c_in: int, kernel: int, stride: int) -> nn.Module:
+            conv = nn.Conv2d(c_in, self.hidden_dim, kernel, stride, padding=kernel // 2, bias=False)
+            return nn.Sequential(OrderedDict([("conv", conv), ("norm", nn.BatchNorm2d(self.hidden_dim))]))
+
+        projections = [conv_bn(c, 1, 1) for c in feat_channels]
+        c_in = feat_channels[-1]
+        for _ in range(self.num_levels - len(feat_channels)):
+            projections.append(conv_bn(c_in, 3, 2))
+            c_in = self.hidden_dim
+        return nn.ModuleList(projections)
+
+    def _reset_parameters(self) -> None:
+        # Zero box heads start every box at its anchor / reference; class biases at a 1% prior.
+        prior = bias_for_prior(0.01)
+        nn.init.constant_(self.enc_score_head.bias, prior)
+        for head in (self.enc_bbox_head, *self.dec_bbox_head):
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        for head in self.dec_score_head:
+            nn.init.constant_(head.bias, prior)
+        nn.init.xavier_uniform_(self.enc_output.proj.weight)
+        if self.learn_query_content:
+            nn.init.xavier_uniform_(self.tgt_embed.weight)
+        for layer in self.query_pos_head.layers:
+            nn.init.xavier_uniform_(layer.weight)
+        for projection in self.input_proj:
+            nn.init.xavier_uniform_(projection.conv.weight)
+
+    def make_denoising_group(self, targets: list[dict] | None) -> DenoisingGroup | None:
+        if not (self.training and self.num_denoising > 0):
+            return None
+        if targets is None:
+            raise ValueError("RTDETRTransformerv2 needs `targets` in training mode for its denoising queries")
+        return contrastive_denoising_group(
+            targets, self.num_classes, self.num_queries, self.denoising_class_embed,
+            num_denoising=self.num_denoising, label_noise_ratio=self.label_noise_ratio,
+            box_noise_scale=self.box_noise_scale, mirror_negative_sizes=False,
+        )
+
+    def forward(
+        self, feats: Sequence[Tensor], targets: list[dict] | None = None, denoising: DenoisingGroup | None = None
+    ) -> dict:
+        """
+        Args:
+            feats: encoder levels, [B, feat_channels[i], H_i, W_i].
+            targets: per image ``labels`` [N] and ``boxes`` [N, 4] cxcywh normalised (training only).
+            denoising: a prepared denoising group to use instead of drawing one (replaying a recorded batch).
+        Returns:
+            ``pred_logits`` [B, Q, num_classes], ``pred_boxes`` [B, Q, 4] cxcywh normalised and ``enc_topk_ind``
+            [B, Q] (the position each query was selected from). In training with aux_loss also ``aux_outputs``
+            (the earlier layers), ``enc_aux_outputs`` (the encoder's boxes for the selected queries),
+            ``enc_meta`` and, with denoising, ``dn_aux_outputs`` (every layer) and ``dn_meta``.
+        """
+        memory, spatial_shapes = self._flatten_features(feats)
+        if denoising is None:
+            denoising = self.make_denoising_group(targets)
+        selected = self._initial_queries(memory, spatial_shapes)
+        content, boxes_unact = selected["content"], selected["boxes_unact"]
+        attn_mask = None
+        if denoising is not None:  # possibly zero queries (no targets), still joined for the DDP graph
+            content = torch.cat([denoising.content, content], 1)
+            boxes_unact = torch.cat([denoising.boxes_unact, boxes_unact], 1)
+            attn_mask = denoising.attn_mask
+
+        boxes, logits = self.decoder(
+            content, boxes_unact, memory, spatial_shapes, self.dec_bbox_head, self.dec_score_head,
+            self.query_pos_head, attn_mask=attn_mask,
+        )
+        if denoising is not None:
+            split = denoising.meta["dn_num_split"]
+            dn_boxes, boxes = boxes.split(split, dim=2)
+            dn_logits, logits = logits.split(split, dim=2)
+
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "enc_topk_ind": selected["topk_ind"]}
+        if self.training and self.aux_loss:
+            out["aux_outputs"] = _layer_outputs(logits[:-1], boxes[:-1])
+            out["enc_aux_outputs"] = [{"pred_logits": selected["enc_logits"], "pred_boxes": selected["enc_boxes"]}]
+            out["enc_meta"] = {"class_agnostic": self.query_select_method == "agnostic"}
+            if denoising is not None:
+                out["dn_aux_outputs"] = _layer_outputs(dn_logits, dn_boxes)
+                out["dn_meta"] = denoising.meta
+        return out
+
+
+def _layer_outputs(logits: Tensor, boxes: Tensor) -> list[dict]:
+    """[n, B, Q, C] logits and [n, B, Q, 4] boxes -> one {"pred_logits", "pred_boxes"} dict per layer."""
+    return [{"pred_logits": layer_logits, "pred_boxes": layer_boxes} for layer_logits, layer_boxes in zip(logits, boxes)]

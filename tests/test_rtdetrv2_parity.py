@@ -1,0 +1,185 @@
+"""RT-DETRv2 against the reference implementation (lyuwenyu/RT-DETR, rtdetrv2_pytorch) on ../shared/reference/rtdetrv2.
+
+The model is built from configs/rtdetrv2_r*vd_coco.yml with the framework's shared parts (PResNet, HybridEncoder
+in its RT-DETR version, RTDETRTransformerv2 on the shared deformable attention and denoising, DFINECriterion
+configured as RT-DETRv2's objective, DFINEPostProcessor) and loaded from the reference release layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dfine
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+RTDETRV2 = REFERENCE / "rtdetrv2"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+pytestmark = pytest.mark.skipif(
+    not (RTDETRV2 / "rtdetrv2_r18_perturbed.pth").is_file(),
+    reason=f"RT-DETRv2 reference data not found in {RTDETRV2}",
+)
+
+
+def load(name: str):
+    return torch.load(RTDETRV2 / name, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return dfine.load_config(CONFIGS / "rtdetrv2_r18vd_coco.yml")
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return torch.load(REFERENCE / "inputs.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def model_r18(cfg):
+    model = dfine.build_model(cfg, load_pretrained=False)
+    report = dfine.load_checkpoint(model, RTDETRV2 / "rtdetrv2_r18_perturbed.pth")
+    assert report.ok and report.source.endswith("[ema.module]")
+    return model
+
+
+@pytest.fixture(scope="module")
+def eval_outputs(model_r18, inputs):
+    model_r18.eval()
+    with torch.no_grad():
+        return model_r18(inputs["images_640_u8"].float() / 255.0)
+
+
+def align_rows(values: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """Reorder our queries [B, Q, ...] to the reference's, matching the anchor each query was selected from."""
+    rows = []
+    for b in range(values.shape[0]):
+        position = {int(anchor): q for q, anchor in enumerate(ours[b])}
+        missing = [int(a) for a in theirs[b] if int(a) not in position]
+        assert not missing, f"image {b}: reference selected anchors {missing[:5]} that we did not"
+        rows.append(values[b, torch.tensor([position[int(a)] for a in theirs[b]])])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101])
+def test_parameter_counts_equal_reference(depth):
+    expected = json.loads((RTDETRV2 / "param_counts.json").read_text())[f"r{depth}"]
+    model = dfine.build_model(dfine.load_config(CONFIGS / f"rtdetrv2_r{depth}vd_coco.yml"), load_pretrained=False)
+    state = model.state_dict()
+    assert sum(p.numel() for p in model.parameters()) == expected["parameters"]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected["trainable_parameters"]
+    assert len(state) == expected["state_dict_entries"]
+    assert sum(v.numel() for v in state.values()) == expected["state_dict_numel"]
+
+
+def test_state_dict_keys_and_shapes_equal_reference(model_r18):
+    expected = {key: (tuple(shape), dtype) for key, shape, dtype in json.loads((RTDETRV2 / "state_dict_keys_r18.json").read_text())}
+    ours = {key: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for key, v in model_r18.state_dict().items()}
+    assert ours == expected
+
+
+def test_eval_logits_and_boxes_match_reference(eval_outputs):
+    ref = load("eval_r18.pt")
+    ours_ind, ref_ind = eval_outputs["enc_topk_ind"], ref["enc_topk_ind"]
+    assert torch.equal(ours_ind.sort(-1).values, ref_ind.sort(-1).values)  # the same 300 anchors chosen
+    logits = align_rows(eval_outputs["pred_logits"], ours_ind, ref_ind)
+    boxes = align_rows(eval_outputs["pred_boxes"], ours_ind, ref_ind)
+    assert (logits - ref["pred_logits"]).abs().max() < 1e-3
+    assert (boxes - ref["pred_boxes"]).abs().max() < 1e-4
+
+
+def test_postprocessor_matches_reference_on_reference_outputs(cfg, inputs):
+    ref = load("eval_r18.pt")
+    post = dfine.build_postprocessor(cfg)
+    detections = post({"pred_logits": ref["pred_logits"], "pred_boxes": ref["pred_boxes"]}, inputs["orig_target_sizes_640"])
+    for ours, theirs in zip(detections, ref["postprocessed"]):
+        assert torch.equal(ours["labels"], theirs["labels"])  # COCO category ids
+        assert torch.allclose(ours["boxes"], theirs["boxes"], atol=1e-4, rtol=0)
+        assert torch.allclose(ours["scores"], theirs["scores"], atol=1e-4, rtol=0)
+
+
+def test_postprocessed_model_detections_match_reference(cfg, eval_outputs, inputs):
+    """End to end: our model's own outputs through our postprocessor give the reference detections (as sets:
+    the order of near-equal scores may differ)."""
+    ref = load("eval_r18.pt")
+    detections = dfine.build_postprocessor(cfg)(eval_outputs, inputs["orig_target_sizes_640"])
+    for ours, theirs in zip(detections, ref["postprocessed"]):
+        assert torch.allclose(ours["scores"], theirs["scores"], atol=1e-4, rtol=0)  # sorted descending in both
+        key_ours = sorted(zip(ours["labels"].tolist(), ours["boxes"].round(decimals=1).tolist()))
+        key_ref = sorted(zip(theirs["labels"].tolist(), theirs["boxes"].round(decimals=1).tolist()))
+        assert sum(a[0] == b[0] for a, b in zip(key_ours, key_ref)) >= 0.98 * len(key_ref)
+
+
+def test_deployed_model_matches_reference_deploy_outputs(cfg, inputs):
+    model = dfine.build_model(cfg, load_pretrained=False)
+    dfine.load_checkpoint(model, RTDETRV2 / "rtdetrv2_r18_perturbed.pth")
+    model.deploy()
+    ref = load("eval_r18.pt")
+    with torch.no_grad():
+        out = model(inputs["images_640_u8"].float() / 255.0)
+    logits = align_rows(out["pred_logits"], out["enc_topk_ind"], ref["deploy_enc_topk_ind"])
+    boxes = align_rows(out["pred_boxes"], out["enc_topk_ind"], ref["deploy_enc_topk_ind"])
+    assert (logits - ref["deploy_pred_logits"]).abs().max() < 1e-3
+    assert (boxes - ref["deploy_pred_boxes"]).abs().max() < 1e-4
+
+
+def test_criterion_matches_reference_loss_dict(cfg, inputs):
+    outputs = load("train_outputs_r18_train640.pt")
+    expected = load("train_ref_r18_train640.pt")["loss_dict"]
+    losses = dfine.build_criterion(cfg)(outputs, inputs["targets_640"])
+    assert sorted(losses) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.allclose(losses[key], value, rtol=1e-5, atol=0), key
+
+
+def test_train_forward_backward_matches_reference(cfg, inputs):
+    """A train-mode forward with the reference's seeded denoising group reproduces its outputs dict, BatchNorm
+    statistics, losses and gradient norm."""
+    model = dfine.build_model(cfg, load_pretrained=False)
+    dfine.load_checkpoint(model, RTDETRV2 / "rtdetrv2_r18_perturbed.pth")
+    ref = load("train_ref_r18_train640.pt")
+    ref_outputs = load("train_outputs_r18_train640.pt")
+    targets = inputs["targets_640"]
+    model.train()
+
+    torch.manual_seed(ref["dn_seed"])
+    group = model.decoder.make_denoising_group(targets)
+    captured = ref["dn_capture"]
+    assert torch.equal(group.content, captured["input_query_logits"])
+    assert torch.allclose(group.boxes_unact, captured["input_query_bbox_unact"], atol=1e-6, rtol=0)
+    assert torch.equal(group.attn_mask, captured["attn_mask"])
+
+    images = inputs["images_640_u8"].float() / 255.0
+    outputs = model.decoder(model.encoder(model.backbone(images)), targets, denoising=group)
+    ind, ref_ind = outputs["enc_topk_ind"], ref["enc_topk_ind"]
+    for ours, theirs in [(outputs, ref_outputs), *zip(outputs["aux_outputs"], ref_outputs["aux_outputs"]),
+                         (outputs["enc_aux_outputs"][0], ref_outputs["enc_aux_outputs"][0])]:
+        assert (align_rows(ours["pred_logits"], ind, ref_ind) - theirs["pred_logits"]).abs().max() < 1e-3
+        assert (align_rows(ours["pred_boxes"], ind, ref_ind) - theirs["pred_boxes"]).abs().max() < 1e-4
+    for ours, theirs in zip(outputs["dn_aux_outputs"], ref_outputs["dn_aux_outputs"], strict=True):
+        assert (ours["pred_logits"] - theirs["pred_logits"]).abs().max() < 1e-3
+        assert (ours["pred_boxes"] - theirs["pred_boxes"]).abs().max() < 1e-4
+
+    modules = dict(model.named_modules())
+    for name, buffers in ref["bn_buffers_after_forward"].items():
+        for key, value in buffers.items():
+            ours = getattr(modules[name], key)
+            assert torch.allclose(ours.to(value.dtype), value, rtol=1e-4, atol=1e-5), f"{name}.{key}"
+
+    losses = dfine.build_criterion(cfg)(outputs, targets)
+    total = sum(losses.values())
+    assert torch.allclose(total, ref["loss_total"], rtol=1e-4)
+    total.backward()
+    # grad_stats holds (norm, sum, max |g|) per parameter; every gradient path must match, e.g. the one-layer
+    # look-back of the box refinement shows only in the box head gradients of earlier layers.
+    for name, param in model.named_parameters():
+        expected_norm = float(ref["grad_stats"][name][0])
+        if expected_norm > 1e-3:
+            assert param.grad is not None, name
+            assert abs(param.grad.double().norm().item() - expected_norm) <= 1e-3 * expected_norm, name
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), ref["clip_max_norm"])
+    assert torch.allclose(grad_norm, ref["grad_total_norm_before_clip"], rtol=1e-4)
