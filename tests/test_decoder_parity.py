@@ -90,7 +90,11 @@ def test_denoising_without_targets():
     embed = torch.nn.Embedding(4, 8, padding_idx=3)
     empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
     group = contrastive_denoising_group(empty, 3, 10, embed)
-    assert group.content is None and group.meta["dn_num_split"] == [0, 10]
+    # Zero queries, but still drawn through the embedding: under DDP every rank needs the same graph.
+    assert group.content.shape == (1, 0, 8) and group.content.grad_fn is not None
+    assert group.boxes_unact.shape == (1, 0, 4) and group.attn_mask is None
+    assert group.meta["dn_num_split"] == [0, 10] and group.meta["dn_num_group"] == 1
+    assert [len(i) for i in group.meta["dn_positive_idx"]] == [0]
     assert contrastive_denoising_group(empty, 3, 10, embed, num_denoising=0) is None
 
 
@@ -180,7 +184,12 @@ def test_deploy_parity_640(reference_dir):
     assert_eval_parity(out, ref, prefix="deploy_")
     post = DFINEPostProcessor(num_classes=80, num_top_queries=300)
     labels, boxes, scores = post.deploy()(out, ref["orig_target_sizes"])
-    torch.testing.assert_close(scores, ref["deploy_postprocessed"]["scores"], atol=1e-4, rtol=0)
+    expected = ref["deploy_postprocessed"]
+    torch.testing.assert_close(scores, expected["scores"], atol=1e-4, rtol=0)
+    # Detections in score order; near-equal scores may swap, so compare labels and boxes where the order agrees.
+    same = labels == expected["labels"]
+    assert same.float().mean() > 0.95
+    torch.testing.assert_close(boxes[same], expected["boxes"][same], atol=1e-2, rtol=0)  # pixels
     # Deploy and plain models give the same detections.
     torch.testing.assert_close(out["pred_logits"], plain_out["pred_logits"], atol=1e-4, rtol=0)
     torch.testing.assert_close(out["pred_boxes"], plain_out["pred_boxes"], atol=1e-5, rtol=0)

@@ -20,15 +20,16 @@ from dfine.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigm
 class DenoisingGroup(NamedTuple):
     """Inputs the decoder prepends to its queries, and the bookkeeping the criterion needs.
 
-    content: [B, num_dn, hidden] embedded (noised) labels, or None when no image has a target.
-    boxes_unact: [B, num_dn, 4] noised boxes in logit space, or None.
-    attn_mask: [num_dn + num_queries, num_dn + num_queries] bool, True where attention is blocked, or None.
-    meta: ``dn_positive_idx`` (per image, the positive query indices; None without targets),
+    content: [B, num_dn, hidden] embedded (noised) labels; num_dn is 0 when no image has a target.
+    boxes_unact: [B, num_dn, 4] noised boxes in logit space.
+    attn_mask: [num_dn + num_queries, num_dn + num_queries] bool, True where attention is blocked; None when
+        num_dn is 0 (nothing to hide).
+    meta: ``dn_positive_idx`` (per image, the positive query indices [num_group * N_i]),
         ``dn_num_group``, ``dn_num_split`` = [num_dn, num_queries].
     """
 
-    content: Tensor | None
-    boxes_unact: Tensor | None
+    content: Tensor
+    boxes_unact: Tensor
     attn_mask: Tensor | None
     meta: dict
 
@@ -52,6 +53,7 @@ def contrastive_denoising_group(
     num_denoising: int = 100,
     label_noise_ratio: float = 0.5,
     box_noise_scale: float = 1.0,
+    mirror_negative_sizes: bool = True,
 ) -> DenoisingGroup | None:
     """Build the noised queries for one batch.
 
@@ -61,8 +63,12 @@ def contrastive_denoising_group(
         num_denoising: budget of denoising queries; the group count is num_denoising // max(N_i).
         label_noise_ratio: a label is replaced by a random class with probability label_noise_ratio / 2.
         box_noise_scale: edges move by up to this times half the box size (negatives by 1 to 2 times).
+        mirror_negative_sizes: when noise pushes an edge past its partner, D-FINE flips the sign of the
+            negative width/height (True); RT-DETRv2 keeps it, so the logit clamps it to the smallest size (False).
     Returns:
-        None when num_denoising <= 0; a group without queries when no image has a target.
+        None when num_denoising <= 0. When no image has a target, a group of zero queries: the reference skips
+        denoising then, but under DDP every rank must produce the same loss terms and give every parameter a
+        gradient, so the empty group still runs through the class embedding and the decoder.
 
     Random numbers are drawn in the reference's order (label mask, new labels, signs, magnitudes), so a
     seeded call reproduces the reference's group.
@@ -71,12 +77,18 @@ def contrastive_denoising_group(
         return None
     counts = [len(t["labels"]) for t in targets]
     max_count = max(counts) if counts else 0
-    if max_count == 0:
-        meta = {"dn_positive_idx": None, "dn_num_group": 0, "dn_num_split": [0, num_queries]}
-        return DenoisingGroup(None, None, None, meta)
-
-    device = targets[0]["labels"].device
+    device = targets[0]["labels"].device if targets else class_embed.weight.device
     batch = len(targets)
+    if max_count == 0:
+        no_labels = torch.zeros([batch, 0], dtype=torch.int64, device=device)
+        meta = {
+            "dn_positive_idx": tuple(torch.zeros(0, dtype=torch.int64, device=device) for _ in targets),
+            "dn_num_group": 1,  # one empty group keeps the criterion's normaliser num_boxes * groups >= 1
+            "dn_num_split": [0, num_queries],
+        }
+        content = class_embed(no_labels)
+        return DenoisingGroup(content, content.new_zeros([batch, 0, 4]), None, meta)
+
     num_group = max(num_denoising // max_count, 1)
 
     labels = torch.full([batch, max_count], num_classes, dtype=torch.int32, device=device)
@@ -114,7 +126,8 @@ def contrastive_denoising_group(
         magnitude = magnitude + is_negative
         corners = (corners + sign * magnitude * half_size).clip(min=0.0, max=1.0)
         boxes = box_xyxy_to_cxcywh(corners)
-        boxes = boxes.abs()  # an edge pushed past its partner gives a negative size
+        if mirror_negative_sizes:
+            boxes = boxes.abs()  # an edge pushed past its partner gives a negative size
     boxes_unact = inverse_sigmoid(boxes)
 
     content = class_embed(labels)

@@ -21,9 +21,10 @@ class DFINE(nn.Module):
 
     def __init__(self, backbone: nn.Module, encoder: nn.Module, decoder: nn.Module):
         super().__init__()
+        # Registration order fixes the state-dict order; the reference's is backbone, decoder, encoder.
         self.backbone = backbone
-        self.encoder = encoder
         self.decoder = decoder
+        self.encoder = encoder
 
     def forward(self, images: Tensor, targets: list[dict] | None = None) -> dict:
         """

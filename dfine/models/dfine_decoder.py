@@ -208,7 +208,9 @@ class TransformerDecoder(nn.Module):
             + [copy.deepcopy(decoder_layer_wide) for _ in range(num_layers - self.eval_idx - 1)]
         )
         self.lqe_layers = nn.ModuleList([LQE(4, 64, 2, reg_max, act=act) for _ in range(num_layers)])
-        self.project: Tensor | None = None  # W(n) frozen by convert_to_deploy
+        # W(n), frozen by convert_to_deploy; a buffer so that .to(device/dtype) moves it, non-persistent so
+        # that checkpoints keep the reference's keys.
+        self.register_buffer("project", None, persistent=False)
 
     def convert_to_deploy(self) -> None:
         """Keep only what the eval_idx output needs and freeze the bin values."""
@@ -555,7 +557,7 @@ class DFINETransformer(nn.Module):
         selected = self._initial_queries(memory, spatial_shapes)
         content, boxes_unact = selected["content"], selected["boxes_unact"]
         attn_mask = None
-        if denoising is not None and denoising.content is not None:
+        if denoising is not None:  # possibly zero queries (no targets), still joined for the DDP graph
             content = torch.cat([denoising.content, content], 1)
             boxes_unact = torch.cat([denoising.boxes_unact, boxes_unact], 1)
             attn_mask = denoising.attn_mask
