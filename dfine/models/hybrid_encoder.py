@@ -164,10 +164,11 @@ class HybridEncoder(nn.Module):
     def position_embedding(self, idx: int, height: int, width: int, like: Tensor) -> Tensor:
         """[1, height * width, hidden_dim] for level ``idx``: the precomputed one when the size matches."""
         cached = getattr(self, f"pos_embed{idx}", None)
-        if cached is not None and cached.shape[1] == height * width:
-            stride = self.feat_strides[idx]
-            if (height, width) == (self.eval_spatial_size[0] // stride, self.eval_spatial_size[1] // stride):
-                return cached.to(dtype=like.dtype)
+        size = self.eval_spatial_size  # may have been cleared or changed since the cache was built
+        stride = self.feat_strides[idx]
+        if (cached is not None and size and cached.shape[1] == height * width
+                and (height, width) == (size[0] // stride, size[1] // stride)):
+            return cached.to(dtype=like.dtype)
         return sine_cosine_2d(width, height, self.hidden_dim, self.pe_temperature).to(device=like.device, dtype=like.dtype)
 
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
