@@ -1,0 +1,123 @@
+"""Detections for raw images, from a PyTorch checkpoint or an exported ONNX file, behind one interface.
+
+Preprocessing is the validation pipeline's: RGB, resized to the model's input size (area averaging when
+shrinking, bilinear when enlarging, as ``dfine.data.transforms.Resize``), divided by 255; boxes come back
+in pixels of the original image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dfine.deploy.export import DeployModel, OnnxDetector
+import dfine
+from dfine.deploy.loading import ClassInfo, class_info, load_detector, resolve_config
+
+logger = logging.getLogger(__name__)
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """[H, W, 3] uint8 RGB; a clear error for unreadable files."""
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"cannot read image {path} (missing, or not an image format OpenCV reads)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def preprocess(image_rgb: np.ndarray, image_size: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+    """[H, W, 3] uint8 RGB -> (model input [3, h, w] float in [0, 1], original size (W, H))."""
+    import cv2
+
+    height, width = image_rgb.shape[:2]
+    new_h, new_w = image_size
+    if (new_h, new_w) != (height, width):
+        shrink = new_h * new_w < height * width
+        image_rgb = cv2.resize(image_rgb, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    tensor = torch.from_numpy(np.ascontiguousarray(image_rgb.transpose(2, 0, 1))).float().div_(255.0)
+    return tensor, (width, height)
+
+
+class Predictor:
+    """Runs a detector on batches of preprocessed images.
+
+    Build with ``Predictor.from_file``: a ``.onnx`` file runs through onnxruntime, anything else is read as a
+    checkpoint (its stored config, or ``config_path``). Both paths run the deploy form of the model, so their
+    labels are 0..C-1 and they can be compared one to one.
+    """
+
+    def __init__(self, run, image_size: tuple[int, int], classes: ClassInfo, device: torch.device, kind: str):
+        self._run = run
+        self.image_size = image_size
+        self.classes = classes
+        self.device = device
+        self.kind = kind
+
+    @classmethod
+    def from_file(cls, path, config_path: str | None = None, overrides=(), device: str = "cpu", image_size=None) -> "Predictor":
+        device = torch.device(device)
+        if str(path).endswith(".onnx"):
+            detector = OnnxDetector(path, device=str(device))
+            size = tuple(image_size or detector.image_size or ())
+            if len(size) != 2:
+                raise ValueError(f"{path} has a dynamic image size: give the input size (--size H W)")
+            # an ONNX file carries no class names: a YAML config, or better the checkpoint it was exported from
+            # (names and category ids), supplies them
+            classes = ClassInfo()
+            if config_path and str(config_path).endswith((".pth", ".pt")):
+                classes = class_info(*resolve_config(config_path, None, overrides))
+            elif config_path:
+                classes = class_info(dfine.load_config(config_path, list(overrides)), None)
+            return cls(detector, size, classes, device, "onnxruntime")
+        model, post, cfg, classes = load_detector(path, config_path, overrides, deploy=True)
+        deploy = DeployModel(model, post).to(device).eval()
+        size = tuple(image_size or cfg.get("eval_spatial_size") or (640, 640))
+
+        @torch.no_grad()
+        def run(images, sizes):
+            return deploy(images.to(device), sizes.to(device))
+
+        return cls(run, (int(size[0]), int(size[1])), classes, device, "pytorch")
+
+    def __call__(self, images: Tensor, orig_sizes: Tensor) -> list[dict]:
+        """images [B, 3, h, w], orig_sizes [B, 2] (w, h) -> per image ``labels`` [K], ``boxes`` [K, 4] xyxy pixels,
+        ``scores`` [K] as numpy arrays (labels 0..C-1)."""
+        labels, boxes, scores = (x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x) for x in self._run(images, orig_sizes))
+        return [{"labels": labels[i], "boxes": boxes[i], "scores": scores[i]} for i in range(len(labels))]
+
+    def predict_rgb(self, frames: list[np.ndarray]) -> list[dict]:
+        """Detections for a batch of [H, W, 3] uint8 RGB images."""
+        prepared = [preprocess(f, self.image_size) for f in frames]
+        images = torch.stack([p[0] for p in prepared])
+        sizes = torch.tensor([p[1] for p in prepared], dtype=torch.int64)
+        return self(images, sizes)
+
+
+def coco_records(detections: dict, image_id: int, classes: ClassInfo, threshold: float = 0.0, file_name: str | None = None) -> list[dict]:
+    """One image's detections above ``threshold`` as COCO result records (bbox xywh, category ids)."""
+    records = []
+    for label, box, score in zip(detections["labels"], detections["boxes"], detections["scores"]):
+        if score < threshold:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in box)
+        record = {"image_id": int(image_id), "category_id": classes.category_id(int(label)), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
+        if file_name is not None:
+            record["file_name"] = file_name
+        records.append(record)
+    return records
+
+
+def write_json(path: Path, data) -> Path:
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    return path
