@@ -27,19 +27,18 @@ class BatchImageCollateFunction:
     Until ``stop_epoch``, with ``base_size_repeat`` set, each batch is resized (``mode`` interpolation, nearest
     as in the reference) to a square size drawn from ``generate_scales(base_size, base_size_repeat)``. The draw
     is a function of (``seed``, epoch, step) only, so every DDP rank picks the same size at the same step;
-    boxes are normalised and need no change. ``ema_restart_decay`` is read by the engine when the
-    no-augmentation phase restarts the EMA.
+    boxes are normalised and need no change. (The EMA decay of the no-augmentation phase is the engine's
+    ``ema.restart_decay``, not a collate setting.)
 
     Items coming from the loader carry ``(epoch, step)`` as a third element; items without it use the epoch
     set by ``set_epoch`` and a call counter.
     """
 
     def __init__(self, base_size: int = 640, base_size_repeat: int | None = None, stop_epoch: int | None = None,
-                 ema_restart_decay: float = 0.9999, seed: int = 0, mode: str = "nearest"):
+                 seed: int = 0, mode: str = "nearest"):
         self.base_size = base_size
         self.scales = generate_scales(base_size, base_size_repeat) if base_size_repeat is not None else None
         self.stop_epoch = stop_epoch if stop_epoch is not None else float("inf")
-        self.ema_restart_decay = ema_restart_decay
         self.seed = seed
         self.mode = mode
         self.epoch = -1

@@ -102,7 +102,7 @@ def training_state(
     last_epoch: int,
     global_step: int,
     config: dict,
-    classes: list | None,
+    classes: dict | None,
     best: dict | None = None,
 ) -> dict:
     """Everything a resumed run needs, in the checkpoint layout above."""
@@ -118,7 +118,7 @@ def training_state(
         "global_step": int(global_step),
         "rng": capture_rng_state(),
         "config": config,
-        "classes": list(classes) if classes is not None else None,
+        "classes": dict(classes) if classes is not None else None,
         "best": dict(best or {}),
     }
 

@@ -23,9 +23,10 @@ class PhaseSchedule:
     warmup_steps: int
     steps_per_epoch: int
     accumulation: int = 1
+    multi_scale: bool = True
 
     @classmethod
-    def from_config(cls, cfg: dict, batches_per_epoch: int, warmup_steps: int) -> "PhaseSchedule":
+    def from_config(cls, cfg: dict, batches_per_epoch: int, warmup_steps: int, multi_scale: bool = True) -> "PhaseSchedule":
         epochs = cfg.get("epochs")
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"`epochs` must be a positive integer, not {epochs!r}")
@@ -37,7 +38,7 @@ class PhaseSchedule:
         if accumulation < 1:
             raise ConfigError("`gradient_accumulation_steps` must be >= 1")
         steps_per_epoch = max(1, -(-batches_per_epoch // accumulation))  # a shorter last group still steps
-        return cls(epochs, stop_epoch, int(warmup_steps), steps_per_epoch, accumulation)
+        return cls(epochs, stop_epoch, int(warmup_steps), steps_per_epoch, accumulation, bool(multi_scale))
 
     def phase(self, epoch: int) -> str:
         return NO_AUG if epoch >= self.stop_epoch else MAIN
@@ -57,10 +58,11 @@ class PhaseSchedule:
     def table(self) -> str:
         """The resolved schedule, for the log at train start."""
         warm_epochs = self.warmup_steps / self.steps_per_epoch
+        main_what = "strong augmentation, " + ("multi-scale batches" if self.multi_scale else "single scale")
         rows = [
             ("phase", "epochs", "optimizer steps", "what happens"),
             ("warm-up", f"0 - {warm_epochs:.2f}", f"0 - {self.warmup_steps}", "lr rises linearly to its base value"),
-            (MAIN, f"0 - {self.stop_epoch}", f"0 - {self.stop_epoch * self.steps_per_epoch}", "strong augmentation, multi-scale batches"),
+            (MAIN, f"0 - {self.stop_epoch}", f"0 - {self.stop_epoch * self.steps_per_epoch}", main_what),
         ]
         if self.no_aug_epochs:
             rows.append(

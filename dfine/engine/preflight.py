@@ -1,31 +1,32 @@
-"""The dataset pre-flight check run before training: fatal problems stop the job before any model is built."""
+"""The dataset pre-flight check run before the model is built: fatal problems stop the job early, with the file
+and annotation at fault named (dfine/data/checks.py does the checking)."""
 
 from __future__ import annotations
 
 import logging
 
+from dfine.data.checks import check_loader_dataset
+from dfine.data.coco import DatasetError
+
 logger = logging.getLogger(__name__)
 
 
-def run_preflight(cfg: dict, test_only: bool) -> bool:
-    """True when training may start. Uses the data package's checks (dfine/data/checks.py) on every
-    dataloader section in use; their warnings are logged, their errors logged and fatal."""
-    try:
-        from dfine.data import checks
-    except ImportError:
-        logger.warning("dataset pre-flight check unavailable (dfine.data.checks is missing); skipping it")
-        return True
-    check = getattr(checks, "check_dataloader_config", None)
-    if check is None:
-        logger.warning("dfine.data.checks has no check_dataloader_config(cfg, split); pre-flight check skipped")
-        return True
+def run_preflight(loaders: dict, num_classes: int | None) -> bool:
+    """Check the dataset behind every loader of ``{split: loader}``. Warnings and errors are logged; returns
+    False when any split has a fatal problem (the caller stops)."""
     ok = True
-    for split in ("val",) if test_only else ("train", "val"):
-        report = check(cfg, split)
-        for line in getattr(report, "warnings", []):
-            logger.warning("%s data: %s", split, line)
-        for line in getattr(report, "errors", []):
-            logger.error("%s data: %s", split, line)
+    for split, loader in loaders.items():
+        if loader is None:
+            continue
+        dataset = loader.dataset
+        if getattr(dataset, "ann_file", None) is None:
+            logger.warning("%s data: %s has no annotation file; pre-flight check skipped", split, type(dataset).__name__)
+            continue
+        report = check_loader_dataset(dataset, num_classes)
+        report.log(logger)
+        try:
+            report.raise_if_fatal()
+        except DatasetError:
             ok = False
     if not ok:
         logger.error("the dataset pre-flight check found fatal problems (above); fix them and restart")

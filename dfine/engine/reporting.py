@@ -13,11 +13,13 @@ from dfine.evaluation import STAT_NAMES, EvalResult, load_coco_gt
 logger = logging.getLogger(__name__)
 
 
-def dataset_gt_and_labels(dataset, postprocessor) -> tuple[dict, dict | None, list | None]:
-    """(COCO ground-truth dict, label -> category id map or None, class names) for a validation dataset.
+def dataset_gt_and_labels(dataset, postprocessor) -> tuple[dict, dict | None, dict]:
+    """(COCO ground-truth dict, label -> category id map or None, class description) for a validation dataset.
 
     Predictions must carry category ids: a postprocessor with ``remap_mscoco_category`` produces them itself;
-    otherwise the dataset's ``label_to_category`` maps its contiguous labels back."""
+    otherwise the dataset's ``label_to_category`` maps its contiguous labels back. The class description is
+    stored in checkpoints under ``"classes"``: ``{"names": [name per label], "label_to_category": {label: id},
+    "remap_mscoco_category": bool}``, so evaluation and inference can map labels back without the dataset."""
     if getattr(dataset, "ann_file", None) is not None:
         gt = load_coco_gt(dataset.ann_file)
     elif getattr(dataset, "coco", None) is not None:
@@ -25,9 +27,31 @@ def dataset_gt_and_labels(dataset, postprocessor) -> tuple[dict, dict | None, li
     else:
         raise TypeError(f"{type(dataset).__name__} exposes neither `ann_file` nor `coco`: cannot evaluate it with COCO metrics")
     remaps_itself = bool(getattr(postprocessor, "remap_mscoco_category", False))
-    label_to_category = None if remaps_itself else getattr(dataset, "label_to_category", None)
-    classes = list(getattr(dataset, "class_names", []) or []) or None
+    dataset_map = {int(k): int(v) for k, v in (getattr(dataset, "label_to_category", None) or {}).items()}
+    label_to_category = None if remaps_itself or not dataset_map else dataset_map
+    classes = {
+        "names": list(getattr(dataset, "class_names", []) or []),
+        "label_to_category": dataset_map,
+        "remap_mscoco_category": remaps_itself,
+    }
     return gt, label_to_category, classes
+
+
+def checkpoint_label_map(checkpoint_classes, dataset_map: dict | None, source: str) -> dict | None:
+    """The label -> category id map a checkpoint was trained with (its ``"classes"`` entry), which wins over the
+    dataset's own when they differ (a warning says so). ``dataset_map`` is returned when the checkpoint has none."""
+    if not isinstance(checkpoint_classes, dict) or not checkpoint_classes.get("label_to_category"):
+        return dataset_map
+    if checkpoint_classes.get("remap_mscoco_category"):
+        return dataset_map
+    stored = {int(k): int(v) for k, v in checkpoint_classes["label_to_category"].items()}
+    if dataset_map is not None and stored != dataset_map:
+        logger.warning(
+            "%s was trained with label -> category map %s but the validation dataset maps %s; using the "
+            "checkpoint's (check that the dataset's categories are the ones the model was trained on)",
+            source, stored, dataset_map,
+        )
+    return stored
 
 
 def log_eval_result(result: EvalResult, epoch: int | None, writer) -> None:

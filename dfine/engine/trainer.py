@@ -23,7 +23,7 @@ from dfine.engine.loop import StepSettings, TrainState, evaluate, train_one_epoc
 from dfine.engine.optim import describe_param_groups
 from dfine.engine.phases import PhaseSchedule
 from dfine.engine.preflight import run_preflight
-from dfine.engine.reporting import MetricsLog, dataset_gt_and_labels, log_eval_result
+from dfine.engine.reporting import MetricsLog, checkpoint_label_map, dataset_gt_and_labels, log_eval_result
 from dfine.evaluation import CocoEvaluator
 
 logger = logging.getLogger(__name__)
@@ -61,11 +61,11 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
         dump_config(cfg, output_dir / "config.yml")
         logger.info("resolved config written to %s", output_dir / "config.yml")
 
-    # --- data
-    if not run_preflight(cfg, test_only):
-        return 3
+    # --- data, checked before any model is built
     train_loader = None if test_only else dfine.build_dataloader(cfg, "train")
     val_loader = dfine.build_dataloader(cfg, "val")
+    if not run_preflight({"train": train_loader, "val": val_loader}, cfg.get("num_classes")):
+        return 3
 
     # --- model
     model = dfine.build_model(cfg, load_pretrained=not (resume or test_only))
@@ -85,7 +85,8 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
 
     # --- optimizer and schedules (built on the bare model, before DDP wraps it)
     optimizer = build_optimizer(cfg, model)
-    schedule = PhaseSchedule.from_config(cfg, len(train_loader), warmup_steps(cfg))
+    multi_scale = getattr(train_loader.collate_fn, "scales", None) is not None
+    schedule = PhaseSchedule.from_config(cfg, len(train_loader), warmup_steps(cfg), multi_scale=multi_scale)
     lr_scheduler, lr_warmup_scheduler = build_schedulers(cfg, optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
@@ -137,6 +138,10 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
         if dist_utils.is_main_process():
             log_eval_result(result, epoch, writer)
             metrics.add(epoch, train_stats, result, best, schedule.phase(epoch))
+            if epoch == schedule.epochs - 1:  # visual reports of the final model, also to TensorBoard
+                from dfine.evaluation.reports import write_reports_for_dataset
+
+                write_reports_for_dataset(result, evaluator.gt, val_loader.dataset, output_dir / "reports", writer, epoch)
             # saved after evaluation, so the stored RNG/best state is exactly what the next epoch starts from
             ckpt = training_state(
                 model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_scheduler=lr_warmup_scheduler,
@@ -185,6 +190,8 @@ def enter_no_augmentation_phase(epoch, train_loader, ema, model, optimizer, outp
 def _evaluate_only(cfg, model, postprocessor, val_loader, evaluator, device, resume, output_dir, label_to_category, use_amp, amp_dtype) -> int:
     if resume:
         dfine.load_checkpoint(model, resume)  # EMA weights when present
+        if not getattr(postprocessor, "remap_mscoco_category", False):
+            label_to_category = checkpoint_label_map(read_checkpoint(resume).get("classes"), label_to_category, resume)
     result = evaluate(model, postprocessor, val_loader, evaluator, device, label_to_category, use_amp, amp_dtype)
     if dist_utils.is_main_process():
         log_eval_result(result, None, None)
@@ -192,6 +199,9 @@ def _evaluate_only(cfg, model, postprocessor, val_loader, evaluator, device, res
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"checkpoint": resume, **result.as_dict()}, indent=1))
         logger.info("metrics written to %s", path)
+        from dfine.evaluation.reports import write_reports_for_dataset  # PR curves, confusion matrix, grid (PNG)
+
+        write_reports_for_dataset(result, evaluator.gt, val_loader.dataset, output_dir / "reports")
     return 0
 
 

@@ -68,6 +68,13 @@ class EvalResult:
     num_images: int = 0
     num_detections: int = 0
     backend: str = ""
+    # kept for the visual reports (dfine/evaluation/reports.py): COCOeval's accumulated precision
+    # [T, R, K, A, M], its thresholds and category order, and the evaluated records; not written to JSON
+    precision: np.ndarray | None = field(default=None, repr=False)
+    iou_thrs: list[float] = field(default_factory=list, repr=False)
+    rec_thrs: list[float] = field(default_factory=list, repr=False)
+    cat_ids: list[int] = field(default_factory=list, repr=False)
+    records: list[dict] = field(default_factory=list, repr=False)
 
     @property
     def ap(self) -> float:
@@ -188,6 +195,11 @@ def evaluate_records(gt: dict, records: list[dict], backend: str = "auto", num_i
         num_images=len(gt.get("images", [])) if num_images is None else num_images,
         num_detections=len(records),
         backend=name,
+        precision=np.asarray(evaluator.eval["precision"]),
+        iou_thrs=[float(t) for t in evaluator.params.iouThrs],
+        rec_thrs=[float(r) for r in evaluator.params.recThrs],
+        cat_ids=[int(c) for c in evaluator.params.catIds],
+        records=records,
     )
 
 
