@@ -10,7 +10,8 @@ import torch
 
 from dfine.layers.deformable_attention import MSDeformableAttention, split_value_levels
 from dfine.layers.mlp import MLP
-from dfine.models.dfine_decoder import DFINETransformer, generate_anchors
+from dfine.models.dfine_decoder import DFINETransformer
+from dfine.models.query_selection import generate_anchors
 from dfine.registry import BACKBONES, ENCODERS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -29,12 +29,12 @@ from torch import Tensor
 
 from dfine.layers.deformable_attention import MSDeformableAttention, split_value_levels
 from dfine.layers.mlp import MLP, mlp_activation
-from dfine.models.denoising import DenoisingGroup, contrastive_denoising_group
+from dfine.models.denoising import DenoisingGroup
 from dfine.models.fdr import distance2bbox, weighting_function
+from dfine.models.query_selection import QuerySelectionDecoder
 from dfine.ops.boxes import inverse_sigmoid
 from dfine.registry import DECODERS
 
-QUERY_SELECT_METHODS = ("default", "agnostic", "one2many")
 
 
 def bias_for_prior(prob: float) -> float:
@@ -55,25 +55,6 @@ def integral(pred_corners: Tensor, project: Tensor) -> Tensor:
     return probs @ project.to(probs.dtype)
 
 
-def generate_anchors(
-    spatial_shapes: Sequence[Sequence[int]], grid_size: float = 0.05, eps: float = 1e-2, device=None
-) -> tuple[Tensor, Tensor]:
-    """One anchor box per feature position: its cell centre, size grid_size * 2**level.
-
-    Returns:
-        anchors [1, L, 4] cxcywh in logit space (+inf where invalid), valid_mask [1, L, 1] bool
-        (all coordinates inside (eps, 1 - eps)).
-    """
-    levels = []
-    for level, (h, w) in enumerate(spatial_shapes):
-        ys, xs = torch.meshgrid(torch.arange(int(h)), torch.arange(int(w)), indexing="ij")
-        centres = (torch.stack([xs, ys], -1) + 0.5) / torch.tensor([w, h], dtype=torch.float32)
-        sizes = torch.full_like(centres, grid_size * 2.0**level)
-        levels.append(torch.cat([centres, sizes], -1).reshape(1, -1, 4))
-    anchors = torch.cat(levels, 1).to(device)
-    valid_mask = ((anchors > eps) & (anchors < 1 - eps)).all(-1, keepdim=True)
-    anchors = torch.log(anchors / (1 - anchors))
-    return torch.where(valid_mask, anchors, torch.inf), valid_mask
 
 
 class Gate(nn.Module):
@@ -292,7 +273,7 @@ class TransformerDecoder(nn.Module):
 
 
 @DECODERS.register
-class DFINETransformer(nn.Module):
+class DFINETransformer(QuerySelectionDecoder):
     """D-FINE decoder head: query selection, refinement layers, class/box/FDR heads, denoising.
 
     Args (names follow the reference YAML):
@@ -346,33 +327,15 @@ class DFINETransformer(nn.Module):
         mlp_act: str = "relu",
     ):
         super().__init__()
-        feat_channels, feat_strides = list(feat_channels), list(feat_strides)
-        if len(feat_channels) > num_levels or len(feat_strides) != len(feat_channels):
-            raise ValueError(
-                f"feat_channels {feat_channels} and feat_strides {feat_strides} must have the same length, "
-                f"at most num_levels={num_levels}"
-            )
-        if query_select_method not in QUERY_SELECT_METHODS:
-            raise ValueError(f"query_select_method `{query_select_method}` is not one of {QUERY_SELECT_METHODS}")
-        if not -num_layers <= eval_idx < num_layers:
-            raise ValueError(f"eval_idx {eval_idx} is outside the {num_layers} decoder layers")
-        while len(feat_strides) < num_levels:
-            feat_strides.append(feat_strides[-1] * 2)
-
-        self.hidden_dim = hidden_dim
-        self.nhead = nhead
-        self.feat_strides = feat_strides
-        self.num_levels = num_levels
-        self.num_classes = num_classes
-        self.num_queries = num_queries
-        self.eps = eps
-        self.num_layers = num_layers
-        self.eval_spatial_size = list(eval_spatial_size) if eval_spatial_size else None
-        self.aux_loss = aux_loss
+        feat_channels = self._init_settings(
+            num_classes=num_classes, hidden_dim=hidden_dim, num_queries=num_queries, feat_channels=feat_channels,
+            feat_strides=feat_strides, num_levels=num_levels, nhead=nhead, num_layers=num_layers,
+            eval_spatial_size=eval_spatial_size, eval_idx=eval_idx, eps=eps, aux_loss=aux_loss,
+            cross_attn_method=cross_attn_method, query_select_method=query_select_method,
+            num_denoising=num_denoising, label_noise_ratio=label_noise_ratio, box_noise_scale=box_noise_scale,
+            learn_query_content=learn_query_content,
+        )
         self.reg_max = reg_max
-        self.cross_attn_method = cross_attn_method
-        self.query_select_method = query_select_method
-        self.eval_idx = eval_idx if eval_idx >= 0 else num_layers + eval_idx
         scaled_dim = round(layer_scale * hidden_dim)
 
         self.input_proj = self._build_input_proj(feat_channels)
@@ -393,23 +356,7 @@ class DFINETransformer(nn.Module):
             layer_scale, act=activation,
         )
 
-        self.num_denoising = num_denoising
-        self.label_noise_ratio = label_noise_ratio
-        self.box_noise_scale = box_noise_scale
-        if num_denoising > 0:
-            self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
-            nn.init.normal_(self.denoising_class_embed.weight[:-1])
-
-        self.learn_query_content = learn_query_content
-        if learn_query_content:
-            self.tgt_embed = nn.Embedding(num_queries, hidden_dim)
-        self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, 2, act=mlp_act)
-
-        self.enc_output = nn.Sequential(
-            OrderedDict([("proj", nn.Linear(hidden_dim, hidden_dim)), ("norm", nn.LayerNorm(hidden_dim))])
-        )
-        self.enc_score_head = nn.Linear(hidden_dim, 1 if query_select_method == "agnostic" else num_classes)
-        self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, act=mlp_act)
+        self._build_query_selection(mlp_act)
 
         num_narrow, num_wide = self.eval_idx + 1, num_layers - self.eval_idx - 1
         self.dec_score_head = nn.ModuleList(
@@ -423,13 +370,7 @@ class DFINETransformer(nn.Module):
             + [MLP(scaled_dim, scaled_dim, corner_dim, 3, act=mlp_act) for _ in range(num_wide)]
         )
 
-        self._anchor_shapes: list[list[int]] | None = None
-        if self.eval_spatial_size:
-            height, width = self.eval_spatial_size
-            self._anchor_shapes = [[int(height / s), int(width / s)] for s in self.feat_strides]
-            anchors, valid_mask = generate_anchors(self._anchor_shapes, eps=eps)
-            self.register_buffer("anchors", anchors)
-            self.register_buffer("valid_mask", valid_mask)
+        self._register_eval_anchors()
         self._reset_parameters(feat_channels)
 
     def _build_input_proj(self, feat_channels: list[int]) -> nn.ModuleList:
@@ -473,67 +414,7 @@ class DFINETransformer(nn.Module):
             [nn.Identity()] * self.eval_idx + [self.dec_score_head[self.eval_idx]]
         )
 
-    # -- encoder side ---------------------------------------------------------------------------------
-
-    def _flatten_features(self, feats: Sequence[Tensor]) -> tuple[Tensor, list[list[int]]]:
-        """Project each level and flatten: -> memory [B, sum(H*W), C], spatial_shapes [[H, W], ...]."""
-        projected = [proj(feat) for proj, feat in zip(self.input_proj, feats)]
-        for i in range(len(feats), self.num_levels):
-            projected.append(self.input_proj[i](feats[-1] if i == len(feats) else projected[-1]))
-        memory = torch.cat([f.flatten(2).permute(0, 2, 1) for f in projected], 1)
-        return memory, [[f.shape[2], f.shape[3]] for f in projected]
-
-    def _anchors_for(self, spatial_shapes: list[list[int]], device) -> tuple[Tensor, Tensor]:
-        if not self.training and self._anchor_shapes == spatial_shapes:
-            return self.anchors, self.valid_mask
-        return generate_anchors(spatial_shapes, eps=self.eps, device=device)
-
-    def _select_queries(self, logits: Tensor) -> Tensor:
-        """[B, L, num_classes or 1] encoder logits -> [B, num_queries] indices of the chosen positions."""
-        if self.query_select_method == "default":
-            return torch.topk(logits.max(-1).values, self.num_queries, dim=-1).indices
-        if self.query_select_method == "agnostic":
-            return torch.topk(logits.squeeze(-1), self.num_queries, dim=-1).indices
-        # one2many: the best (position, class) pairs; a position may be chosen more than once.
-        return torch.topk(logits.flatten(1), self.num_queries, dim=-1).indices // self.num_classes
-
-    @staticmethod
-    def _gather(x: Tensor, index: Tensor) -> Tensor:
-        return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-    def _initial_queries(self, memory: Tensor, spatial_shapes: list[list[int]]) -> dict:
-        """Score every position, keep the top num_queries: their content, boxes (logit space) and, in training,
-        the encoder's own predictions for them."""
-        anchors, valid_mask = self._anchors_for(spatial_shapes, memory.device)
-        memory = valid_mask.to(memory.dtype) * memory
-        enc_memory = self.enc_output(memory)
-        enc_logits = self.enc_score_head(enc_memory)
-        topk_ind = self._select_queries(enc_logits)
-        topk_memory = self._gather(enc_memory, topk_ind)
-        topk_anchors = self._gather(anchors.expand(memory.shape[0], -1, -1), topk_ind)
-        boxes_unact = self.enc_bbox_head(topk_memory) + topk_anchors
-        if self.learn_query_content:
-            content = self.tgt_embed.weight.unsqueeze(0).expand(memory.shape[0], -1, -1)
-        else:
-            content = topk_memory.detach()
-        selected = {"content": content, "boxes_unact": boxes_unact.detach(), "topk_ind": topk_ind}
-        if self.training:
-            selected["enc_logits"] = self._gather(enc_logits, topk_ind)
-            selected["enc_boxes"] = torch.sigmoid(boxes_unact)
-        return selected
-
     # -- forward -------------------------------------------------------------------------------------
-
-    def make_denoising_group(self, targets: list[dict] | None) -> DenoisingGroup | None:
-        if not (self.training and self.num_denoising > 0):
-            return None
-        if targets is None:
-            raise ValueError("DFINETransformer needs `targets` in training mode for its denoising queries")
-        return contrastive_denoising_group(
-            targets, self.num_classes, self.num_queries, self.denoising_class_embed,
-            num_denoising=self.num_denoising, label_noise_ratio=self.label_noise_ratio,
-            box_noise_scale=self.box_noise_scale,
-        )
 
     def forward(
         self, feats: Sequence[Tensor], targets: list[dict] | None = None, denoising: DenoisingGroup | None = None

@@ -26,10 +26,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from dfine.layers.deformable_attention import SAMPLING_METHODS, MSDeformableAttention
+from dfine.layers.deformable_attention import MSDeformableAttention
 from dfine.layers.mlp import MLP, mlp_activation
-from dfine.models.denoising import DenoisingGroup, contrastive_denoising_group
-from dfine.models.dfine_decoder import QUERY_SELECT_METHODS, DFINETransformer, bias_for_prior, generate_anchors
+from dfine.models.denoising import DenoisingGroup
+from dfine.models.dfine_decoder import bias_for_prior
+from dfine.models.query_selection import QuerySelectionDecoder
 from dfine.ops.boxes import inverse_sigmoid
 from dfine.registry import DECODERS
 
@@ -144,7 +145,7 @@ class TransformerDecoder(nn.Module):
 
 
 @DECODERS.register
-class RTDETRTransformerv2(nn.Module):
+class RTDETRTransformerv2(QuerySelectionDecoder):
     """RT-DETRv2 decoder head: query selection, refinement layers, class/box heads, contrastive denoising.
 
     Args (names follow the reference YAML):
@@ -165,13 +166,7 @@ class RTDETRTransformerv2(nn.Module):
         query_select_method: ``default`` (best class), ``agnostic`` (one objectness score) or ``one2many``.
     """
 
-    # The encoder side is the one D-FINE inherited from RT-DETRv2: shared with DFINETransformer, not copied.
-    # These methods read only attributes that both classes define with the same meaning.
-    _flatten_features = DFINETransformer._flatten_features
-    _anchors_for = DFINETransformer._anchors_for
-    _select_queries = DFINETransformer._select_queries
-    _gather = DFINETransformer.__dict__["_gather"]
-    _initial_queries = DFINETransformer._initial_queries
+    mirror_negative_sizes = False  # the reference RT-DETRv2 clamps, it does not mirror
 
     def __init__(
         self,
@@ -199,33 +194,14 @@ class RTDETRTransformerv2(nn.Module):
         query_select_method: str = "default",
     ):
         super().__init__()
-        feat_channels, feat_strides = list(feat_channels), list(feat_strides)
-        if len(feat_channels) > num_levels or len(feat_strides) != len(feat_channels):
-            raise ValueError(
-                f"feat_channels {feat_channels} and feat_strides {feat_strides} must have the same length, "
-                f"at most num_levels={num_levels}"
-            )
-        if query_select_method not in QUERY_SELECT_METHODS:
-            raise ValueError(f"query_select_method `{query_select_method}` is not one of {QUERY_SELECT_METHODS}")
-        if cross_attn_method not in SAMPLING_METHODS:
-            raise ValueError(f"cross_attn_method `{cross_attn_method}` is not one of {SAMPLING_METHODS}")
-        if not -num_layers <= eval_idx < num_layers:
-            raise ValueError(f"eval_idx {eval_idx} is outside the {num_layers} decoder layers")
-        while len(feat_strides) < num_levels:
-            feat_strides.append(feat_strides[-1] * 2)
-
-        self.hidden_dim = hidden_dim
-        self.nhead = nhead
-        self.feat_strides = feat_strides
-        self.num_levels = num_levels
-        self.num_classes = num_classes
-        self.num_queries = num_queries
-        self.eps = eps
-        self.num_layers = num_layers
-        self.eval_spatial_size = list(eval_spatial_size) if eval_spatial_size else None
-        self.aux_loss = aux_loss
-        self.cross_attn_method = cross_attn_method
-        self.query_select_method = query_select_method
+        feat_channels = self._init_settings(
+            num_classes=num_classes, hidden_dim=hidden_dim, num_queries=num_queries, feat_channels=feat_channels,
+            feat_strides=feat_strides, num_levels=num_levels, nhead=nhead, num_layers=num_layers,
+            eval_spatial_size=eval_spatial_size, eval_idx=eval_idx, eps=eps, aux_loss=aux_loss,
+            cross_attn_method=cross_attn_method, query_select_method=query_select_method,
+            num_denoising=num_denoising, label_noise_ratio=label_noise_ratio, box_noise_scale=box_noise_scale,
+            learn_query_content=learn_query_content,
+        )
 
         self.input_proj = self._build_input_proj(feat_channels)
         layer = TransformerDecoderLayer(
@@ -233,33 +209,11 @@ class RTDETRTransformerv2(nn.Module):
         )
         self.decoder = TransformerDecoder(layer, num_layers, eval_idx)
 
-        self.num_denoising = num_denoising
-        self.label_noise_ratio = label_noise_ratio
-        self.box_noise_scale = box_noise_scale
-        if num_denoising > 0:
-            self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
-            nn.init.normal_(self.denoising_class_embed.weight[:-1])
-
-        self.learn_query_content = learn_query_content
-        if learn_query_content:
-            self.tgt_embed = nn.Embedding(num_queries, hidden_dim)
-        self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, 2)
-
-        self.enc_output = nn.Sequential(
-            OrderedDict([("proj", nn.Linear(hidden_dim, hidden_dim)), ("norm", nn.LayerNorm(hidden_dim))])
-        )
-        self.enc_score_head = nn.Linear(hidden_dim, 1 if query_select_method == "agnostic" else num_classes)
-        self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        self._build_query_selection()
         self.dec_score_head = nn.ModuleList(nn.Linear(hidden_dim, num_classes) for _ in range(num_layers))
         self.dec_bbox_head = nn.ModuleList(MLP(hidden_dim, hidden_dim, 4, 3) for _ in range(num_layers))
 
-        self._anchor_shapes: list[list[int]] | None = None
-        if self.eval_spatial_size:
-            height, width = self.eval_spatial_size
-            self._anchor_shapes = [[int(height / s), int(width / s)] for s in self.feat_strides]
-            anchors, valid_mask = generate_anchors(self._anchor_shapes, eps=eps)
-            self.register_buffer("anchors", anchors)
-            self.register_buffer("valid_mask", valid_mask)
+        self._register_eval_anchors()
         self._reset_parameters()
 
     def _build_input_proj(self, feat_channels: list[int]) -> nn.ModuleList:
@@ -292,17 +246,6 @@ class RTDETRTransformerv2(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
         for projection in self.input_proj:
             nn.init.xavier_uniform_(projection.conv.weight)
-
-    def make_denoising_group(self, targets: list[dict] | None) -> DenoisingGroup | None:
-        if not (self.training and self.num_denoising > 0):
-            return None
-        if targets is None:
-            raise ValueError("RTDETRTransformerv2 needs `targets` in training mode for its denoising queries")
-        return contrastive_denoising_group(
-            targets, self.num_classes, self.num_queries, self.denoising_class_embed,
-            num_denoising=self.num_denoising, label_noise_ratio=self.label_noise_ratio,
-            box_noise_scale=self.box_noise_scale, mirror_negative_sizes=False,
-        )
 
     def forward(
         self, feats: Sequence[Tensor], targets: list[dict] | None = None, denoising: DenoisingGroup | None = None
