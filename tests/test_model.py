@@ -12,7 +12,6 @@ from dfine.layers.deformable_attention import MSDeformableAttention, split_value
 from dfine.layers.mlp import MLP
 from dfine.models.dfine_decoder import DFINETransformer
 from dfine.models.query_selection import generate_anchors
-from dfine.registry import BACKBONES, ENCODERS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZES = ["n", "s", "m", "l", "x"]
@@ -27,10 +26,6 @@ REFERENCE_PARAMS = {"n": 3_782_693, "s": 10_321_877, "m": 19_590_064, "l": 31_24
 # use_lab: True (N, S, M) reaches L and X. These figures are an artifact of that, not models anyone trained.
 REFERENCE_PARAMS_ONE_PROCESS = {"n": 3_782_693, "s": 9_533_909, "m": 18_539_440, "l": 29_668_322, "x": 61_045_794}
 
-needs_full_model = pytest.mark.skipif(
-    "HGNetV2" not in BACKBONES or "HybridEncoder" not in ENCODERS,
-    reason="HGNetV2 / HybridEncoder are not registered yet (dfine/models/backbones, dfine/models/hybrid_encoder.py)",
-)
 
 
 # -- layers -----------------------------------------------------------------------------------------------
@@ -209,9 +204,8 @@ def test_decoder_rejects_bad_settings():
 
 
 # -- whole models from the configs -------------------------------------------------------------------------
-# Cost on 2 shared cores: every architecture runs forward + backward once at 640 (the COCO configs) and once at
-# 320 (the Objects365 / obj2coco / custom configs, which share the COCO architectures); N at 320 is also covered
-# by the parity tests in test_decoder_parity.py.
+# Every D-FINE config runs forward + backward (and an eval forward) at 320 and at 640; each model is built once
+# for both sizes, since building is the costly part on CPU.
 
 
 def build(config: str, overrides=()):
@@ -225,7 +219,6 @@ def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@needs_full_model
 @pytest.mark.parametrize("size", SIZES)
 def test_parameter_count_equals_reference(size):
     import dfine
@@ -278,22 +271,21 @@ def forward_backward(model: torch.nn.Module, resolution: int, num_classes: int) 
     assert torch.isfinite(evaluated["pred_logits"]).all() and torch.isfinite(evaluated["pred_boxes"]).all()
 
 
-@needs_full_model
 @pytest.mark.parametrize("size", SIZES)
 def test_every_size_train_eval_and_deploy(size):
-    """One model build per size (the costly part on CPU) serves both checks."""
-    forward_backward(coco_model(size), 640, 80)
+    """One model build per size (the costly part on CPU) serves every check."""
+    for resolution in (320, 640):
+        forward_backward(coco_model(size), resolution, 80)
     check_deploy(size)
 
 
 OTHER_CONFIGS = sorted(p.name for p in CONFIGS.glob("dfine_*_*.yml") if not p.name.endswith(("_coco.yml", "_demo.yml")))
 
 
-@needs_full_model
 @pytest.mark.parametrize("config", OTHER_CONFIGS)
-def test_dataset_variant_configs_build_and_run_320(config):
+def test_dataset_variant_configs_build_and_run_320_and_640(config):
     """Objects365, obj2coco and custom configs: the COCO architecture of their size with their own class count;
-    forward and backward at 320."""
+    forward and backward at 320 and 640."""
     size = config.split("_")[1]
     cfg, model = build(config, overrides=["num_classes=3"] if "custom" in config else [])
     num_classes = cfg["num_classes"]
@@ -304,7 +296,8 @@ def test_dataset_variant_configs_build_and_run_320(config):
     hidden = model.decoder.hidden_dim
     expected = REFERENCE_PARAMS[size] + (heads * (hidden + 1) + hidden) * (num_classes - 80)
     assert count(model) == expected
-    forward_backward(model, 320, num_classes)
+    for resolution in (320, 640):
+        forward_backward(model, resolution, num_classes)
 
 
 def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
@@ -370,7 +363,6 @@ def _empty_targets(batch: int) -> list[dict]:
     return [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)} for _ in range(batch)]
 
 
-@needs_full_model
 def test_batch_without_targets_gives_the_same_loss_terms():
     """DDP: a rank whose batch has no object must produce the loss terms of the other ranks (the reference skips
     denoising then) and give every parameter a gradient; the empty denoising group carries zero queries."""

@@ -11,7 +11,9 @@ Flow for a batch of multi-level features::
           -> class scores + LQE (Localization Quality Estimation: a small MLP on the sharpness of the edge
              distributions, added to the class logits).
 
-In training, contrastive denoising queries (dfine/models/denoising.py) run beside the selected ones and every
+The encoder side (projection, anchors, query selection, denoising group) lives in
+dfine/models/query_selection.py, shared with RT-DETRv2. In training, contrastive denoising queries
+(dfine/models/denoising.py) run beside the selected ones and every
 layer's outputs are returned for the deep supervision and GO-LSD distillation of the criterion.
 """
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -372,23 +373,6 @@ class DFINETransformer(QuerySelectionDecoder):
 
         self._register_eval_anchors()
         self._reset_parameters(feat_channels)
-
-    def _build_input_proj(self, feat_channels: list[int]) -> nn.ModuleList:
-        """1x1 conv + BN per level to hidden_dim (identity when already that wide), then stride-2 3x3 convs
-        for the extra levels."""
-
-        def conv_bn(c_in: int, kernel: int, stride: int) -> nn.Module:
-            if c_in == self.hidden_dim:
-                return nn.Identity()
-            conv = nn.Conv2d(c_in, self.hidden_dim, kernel, stride, padding=kernel // 2, bias=False)
-            return nn.Sequential(OrderedDict([("conv", conv), ("norm", nn.BatchNorm2d(self.hidden_dim))]))
-
-        projections = [conv_bn(c, 1, 1) for c in feat_channels]
-        c_in = feat_channels[-1]
-        for _ in range(self.num_levels - len(feat_channels)):
-            projections.append(conv_bn(c_in, 3, 2))
-            c_in = self.hidden_dim
-        return nn.ModuleList(projections)
 
     def _reset_parameters(self, feat_channels: list[int]) -> None:
         # Zero box heads start every box at its anchor / reference; class biases at a 1% prior.

@@ -51,6 +51,8 @@ class QuerySelectionDecoder(nn.Module):
 
     # How denoising handles a box edge pushed past its partner: D-FINE mirrors it, RT-DETRv2 does not.
     mirror_negative_sizes = True
+    # D-FINE skips the projection of a level already hidden_dim wide; RT-DETRv2 always projects.
+    skip_projection_at_hidden_dim = True
 
     def _init_settings(
         self, *, num_classes: int, hidden_dim: int, num_queries: int, feat_channels: Sequence[int],
@@ -93,6 +95,22 @@ class QuerySelectionDecoder(nn.Module):
         self.box_noise_scale = box_noise_scale
         self.learn_query_content = learn_query_content
         return feat_channels
+
+    def _build_input_proj(self, feat_channels: list[int]) -> nn.ModuleList:
+        """1x1 conv + BN per level to hidden_dim, then stride-2 3x3 convs for the extra levels."""
+
+        def conv_bn(c_in: int, kernel: int, stride: int) -> nn.Module:
+            if c_in == self.hidden_dim and self.skip_projection_at_hidden_dim:
+                return nn.Identity()
+            conv = nn.Conv2d(c_in, self.hidden_dim, kernel, stride, padding=kernel // 2, bias=False)
+            return nn.Sequential(OrderedDict([("conv", conv), ("norm", nn.BatchNorm2d(self.hidden_dim))]))
+
+        projections = [conv_bn(c, 1, 1) for c in feat_channels]
+        c_in = feat_channels[-1]
+        for _ in range(self.num_levels - len(feat_channels)):
+            projections.append(conv_bn(c_in, 3, 2))
+            c_in = self.hidden_dim
+        return nn.ModuleList(projections)
 
     def _build_query_selection(self, mlp_act: str = "relu") -> None:
         """Denoising label embedding, query content/position heads and the encoder output heads."""

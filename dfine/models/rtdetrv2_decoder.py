@@ -12,14 +12,13 @@ Flow for a batch of multi-level features::
 
 Its differences from D-FINE, which grew out of it: no FDR/LQE (boxes are direct logit-space offsets), plain
 residual + LayerNorm instead of D-FINE's gate, and each cross-attention projects its own values. The encoder
-side (anchors, top-k selection, encoder heads) and contrastive denoising are the very same as D-FINE's and are
-shared with dfine/models/dfine_decoder.py and dfine/models/denoising.py, not copied.
+side (input projection, anchors, top-k selection, encoder heads) and contrastive denoising are the very same as
+D-FINE's: both decoders inherit them from dfine/models/query_selection.py.
 """
 
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -167,6 +166,7 @@ class RTDETRTransformerv2(QuerySelectionDecoder):
     """
 
     mirror_negative_sizes = False  # the reference RT-DETRv2 clamps, it does not mirror
+    skip_projection_at_hidden_dim = False
 
     def __init__(
         self,
@@ -215,20 +215,6 @@ class RTDETRTransformerv2(QuerySelectionDecoder):
 
         self._register_eval_anchors()
         self._reset_parameters()
-
-    def _build_input_proj(self, feat_channels: list[int]) -> nn.ModuleList:
-        """1x1 conv + BN per level to hidden_dim (always, unlike D-FINE), then stride-2 3x3 convs for extra levels."""
-
-        def conv_bn(c_in: int, kernel: int, stride: int) -> nn.Module:
-            conv = nn.Conv2d(c_in, self.hidden_dim, kernel, stride, padding=kernel // 2, bias=False)
-            return nn.Sequential(OrderedDict([("conv", conv), ("norm", nn.BatchNorm2d(self.hidden_dim))]))
-
-        projections = [conv_bn(c, 1, 1) for c in feat_channels]
-        c_in = feat_channels[-1]
-        for _ in range(self.num_levels - len(feat_channels)):
-            projections.append(conv_bn(c_in, 3, 2))
-            c_in = self.hidden_dim
-        return nn.ModuleList(projections)
 
     def _reset_parameters(self) -> None:
         # Zero box heads start every box at its anchor / reference; class biases at a 1% prior.
