@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 def did_you_mean(name: str, candidates, n: int = 3) -> str:
     """' (did you mean `a`, `b`?)' for the closest candidates, or '' when none is close."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=n, cutoff=0.6)
+    close = difflib.get_close_matches(str(name), list(dict.fromkeys(str(c) for c in candidates)), n=n, cutoff=0.6)
     if not close:
         return ""
     return " (did you mean " + ", ".join(f"`{c}`" for c in close) + "?)"

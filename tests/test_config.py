@@ -125,6 +125,12 @@ def test_override_unknown_key_suggests_closest(tmp_path):
         load_config(path, ["model.num_layer=3"])
 
 
+def test_real_config_suggestion_names_each_key_once():
+    # `epochs` is both in the file and a known runtime key: it must be suggested once, not twice
+    with pytest.raises(ConfigError, match=r"\(did you mean `epochs`, `stop_epoch`\?\)$"):
+        load_config(REPO_ROOT / "configs" / "dfine_n_coco.yml", ["epochz=3"])
+
+
 def test_override_error_paths(tmp_path):
     path = write(tmp_path, "c.yml", "epochs: 1\neval_spatial_size: [640, 640]\n")
     with pytest.raises(ConfigError, match="must look like key.path=value"):
