@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -89,10 +90,51 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str, strict: 
             usable[key] = value
     report.missing = [k for k in own if k not in state]
     if strict and not report.ok:
-        raise CheckpointError(f"checkpoint does not fit the model:\n{report.describe()}")
+        hints = settings_hints(report)
+        advice = ""
+        if hints:
+            advice = (
+                "\nthe checkpoint was built with other settings; rebuild the model with the config overrides\n  "
+                + " ".join(hints)
+                + "\n(tools: -u ...; Python: load_config(path, overrides=[...])), or fine-tune from it with -t, "
+                "which skips what does not fit"
+            )
+        raise CheckpointError(f"checkpoint does not fit the model:\n{report.describe()}{advice}")
     model.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
     return report
+
+
+_FFN_IN = re.compile(r"^(?P<part>encoder|decoder)\.(?:encoder\.\d+\.layers|decoder\.layers)\.\d+\.linear1\.weight$")
+_SCORE_HEAD = re.compile(r"^decoder\.(?:enc_score_head|dec_score_head\.\d+)\.weight$")
+_DECODER_LAYER = re.compile(r"^decoder\.decoder\.layers\.(\d+)\.")
+
+
+def settings_hints(report: LoadReport) -> list[str]:
+    """Config overrides that explain a mismatch, read from the shapes and names of the keys that did not fit:
+    FFN widths, the learnable affine blocks (use_lab), the class count and the number of decoder layers.
+
+    A common case: the reference code loads its YAML into a mutable default, so a script that builds several
+    sizes in one process makes S..X with N's decoder FFN width 512 and use_lab on; their weights load here
+    with ``model.decoder.dim_feedforward=512`` (and ``model.backbone.use_lab=true`` for L and X).
+    """
+    hints: dict[str, str] = {}
+    for key, checkpoint_shape, _ in report.mismatched:
+        if match := _FFN_IN.match(key):
+            hints[f"model.{match['part']}.dim_feedforward"] = str(checkpoint_shape[0])
+        elif _SCORE_HEAD.match(key) and checkpoint_shape[0] > 1:
+            hints["num_classes"] = str(checkpoint_shape[0])
+    if any(".lab." in k for k in report.unexpected if k.startswith("backbone.")):
+        hints["model.backbone.use_lab"] = "true"
+    elif any(".lab." in k for k in report.missing if k.startswith("backbone.")):
+        hints["model.backbone.use_lab"] = "false"
+    extra_layers = [int(m[1]) for k in report.unexpected if (m := _DECODER_LAYER.match(k))]
+    absent_layers = [int(m[1]) for k in report.missing if (m := _DECODER_LAYER.match(k))]
+    if extra_layers:
+        hints["model.decoder.num_layers"] = str(max(extra_layers) + 1)
+    elif absent_layers:
+        hints["model.decoder.num_layers"] = str(min(absent_layers))
+    return [f"{name}={value}" for name, value in hints.items()]
 
 
 def load_checkpoint(

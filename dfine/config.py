@@ -100,6 +100,13 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
         ConfigError naming the file, include chain, key or override at fault.
     """
     cfg = _read_with_includes(Path(path), chain=())
+    overrides = list(overrides)
+    if overrides:
+        # An override may set a constructor argument the file leaves at its default; the registries must be
+        # filled to know those arguments. Imported here: the components themselves import this module.
+        from dfine.components import import_components
+
+        import_components()
     for item in overrides:
         apply_override(cfg, item)
     cfg = resolve_references(cfg)

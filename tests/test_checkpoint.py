@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -90,3 +92,23 @@ def test_reference_release_layout(reference_dir):
     state, where = extract_state_dict(checkpoint)
     assert where == "ema.module"
     assert [k for k, _, _ in keys] == list(state)
+
+
+def test_mismatch_names_the_overrides_that_rebuild_the_checkpoints_model(tmp_path):
+    """Weights of a D-FINE-N built with other settings: the error names the overrides, and a model rebuilt
+    with exactly those overrides loads the file."""
+    import dfine
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "dfine_n_coco.yml"
+    settings = ["model.decoder.dim_feedforward=256", "num_classes=3", "model.backbone.use_lab=false",
+                "model.decoder.num_layers=4"]
+    other = dfine.build_model(dfine.load_config(config, settings), load_pretrained=False)
+    path = tmp_path / "other.pth"
+    torch.save({"model": other.state_dict()}, path)
+    standard = dfine.build_model(dfine.load_config(config), load_pretrained=False)
+    with pytest.raises(CheckpointError, match="rebuild the model with the config overrides") as caught:
+        load_checkpoint(standard, path)
+    advice = str(caught.value).split("config overrides\n", 1)[1].splitlines()[0].split()
+    assert sorted(advice) == sorted(settings)
+    rebuilt = dfine.build_model(dfine.load_config(config, advice), load_pretrained=False)
+    assert load_checkpoint(rebuilt, path).ok

@@ -218,3 +218,13 @@ def test_train_rejects_typo_override():
     assert result.returncode != 0
     assert "epochz" in result.stderr and "epochs" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fresh_process_override_of_an_argument_the_file_leaves_at_its_default():
+    # dfine_s_coco.yml does not write the decoder's dim_feedforward (the class default 1024 applies); a fresh
+    # process has not imported the components yet, and the override must still be recognised.
+    result = run_train("-c", "configs/dfine_s_coco.yml", "--print-config", "-u", "model.decoder.dim_feedforward=512")
+    assert result.returncode == 0, result.stderr
+    import yaml
+
+    assert yaml.safe_load(result.stdout)["model"]["decoder"]["dim_feedforward"] == 512

@@ -187,7 +187,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert [e["eval"]["stats"]["AP"] for e in resumed_metrics["epochs"]] == [e["eval"]["stats"]["AP"] for e in metrics["epochs"]]
 
 
-def test_eval_tool_reads_config_from_checkpoint(tmp_path):
+def test_eval_tool_reads_config_from_checkpoint(tmp_path, capsys):
     cfg = tiny_config(tmp_path, "run", ["epochs=1", "stop_epoch=1"])
     assert trainer.run(cfg) == 0
     best = Path(cfg["output_dir"]) / "best.pth"
@@ -200,3 +200,13 @@ def test_eval_tool_reads_config_from_checkpoint(tmp_path):
     evaluated = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
     trained = json.loads((Path(cfg["output_dir"]) / "metrics.json").read_text())
     assert evaluated["stats"]["AP"] == trained["epochs"][0]["eval"]["stats"]["AP"]
+
+    # a validation set that is not there: one clear line and exit status 2, no traceback
+    capsys.readouterr()
+    missing = tmp_path / "nowhere" / "instances_val.json"
+    code = tool.main([
+        "-r", str(best), "--output-dir", str(tmp_path / "eval2"),
+        "-u", f"val_dataloader.dataset={{type: CocoDetection, img_folder: '{tmp_path}', ann_file: '{missing}'}}",
+    ])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: annotation file not found") and str(missing) in err

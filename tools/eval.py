@@ -56,8 +56,13 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from dfine.engine.trainer import run
+    from dfine.errors import USER_ERRORS
 
-    return run(cfg, resume=args.resume, test_only=True)
+    try:
+        return run(cfg, resume=args.resume, test_only=True)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

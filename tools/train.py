@@ -59,8 +59,13 @@ def main(argv=None) -> int:
         print(config_to_yaml(cfg), end="")
         return 0
     from dfine.engine.trainer import run
+    from dfine.errors import USER_ERRORS
 
-    return run(cfg, resume=args.resume, test_only=args.test_only)
+    try:
+        return run(cfg, resume=args.resume, test_only=args.test_only)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
