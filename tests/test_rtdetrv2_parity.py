@@ -1,8 +1,10 @@
 """RT-DETRv2 against the reference implementation (lyuwenyu/RT-DETR, rtdetrv2_pytorch) on ../shared/reference/rtdetrv2.
 
-The model is built from configs/rtdetrv2_r*vd_coco.yml with the framework's shared parts (PResNet, HybridEncoder
-in its RT-DETR version, RTDETRTransformerv2 on the shared deformable attention and denoising, DFINECriterion
-configured as RT-DETRv2's objective, DFINEPostProcessor) and loaded from the reference release layout.
+Every depth with data in that folder is checked (``rtdetrv2_{depth}_perturbed.pth`` with ``eval_{depth}.pt``,
+``train_outputs_{depth}_train640.pt``, ...; today r18). The model is built from
+configs/rtdetrv2_{depth}vd_coco.yml with the framework's shared parts (PResNet, HybridEncoder in its RT-DETR
+version, RTDETRTransformerv2 on the shared deformable attention and denoising, DFINECriterion configured as
+RT-DETRv2's objective, DFINEPostProcessor) and loaded from the reference release layout.
 """
 
 from __future__ import annotations
@@ -19,19 +21,27 @@ REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 RTDETRV2 = REFERENCE / "rtdetrv2"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-pytestmark = pytest.mark.skipif(
-    not (RTDETRV2 / "rtdetrv2_r18_perturbed.pth").is_file(),
-    reason=f"RT-DETRv2 reference data not found in {RTDETRV2}",
-)
+DEPTHS = sorted(p.name.split("_")[1] for p in RTDETRV2.glob("rtdetrv2_r*_perturbed.pth")) if RTDETRV2.is_dir() else []
 
 
 def load(name: str):
+    if not (RTDETRV2 / name).is_file():
+        pytest.skip(f"{name} not in {RTDETRV2}")
     return torch.load(RTDETRV2 / name, weights_only=True)
 
 
+@pytest.fixture(scope="module", params=DEPTHS)
+def depth(request) -> str:
+    return request.param
+
+
+def weights(depth: str) -> Path:
+    return RTDETRV2 / f"rtdetrv2_{depth}_perturbed.pth"
+
+
 @pytest.fixture(scope="module")
-def cfg():
-    return dfine.load_config(CONFIGS / "rtdetrv2_r18vd_coco.yml")
+def cfg(depth):
+    return dfine.load_config(CONFIGS / f"rtdetrv2_{depth}vd_coco.yml")
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +50,18 @@ def inputs():
 
 
 @pytest.fixture(scope="module")
-def model_r18(cfg):
+def model(cfg, depth):
     model = dfine.build_model(cfg, load_pretrained=False)
-    report = dfine.load_checkpoint(model, RTDETRV2 / "rtdetrv2_r18_perturbed.pth")
+    report = dfine.load_checkpoint(model, weights(depth))
     assert report.ok and report.source.endswith("[ema.module]")
     return model
 
 
 @pytest.fixture(scope="module")
-def eval_outputs(model_r18, inputs):
-    model_r18.eval()
+def eval_outputs(model, inputs):
+    model.eval()
     with torch.no_grad():
-        return model_r18(inputs["images_640_u8"].float() / 255.0)
+        return model(inputs["images_640_u8"].float() / 255.0)
 
 
 def align_rows(values: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
@@ -65,6 +75,7 @@ def align_rows(values: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -
     return torch.stack(rows)
 
 
+@pytest.mark.skipif(not (RTDETRV2 / "param_counts.json").is_file(), reason=f"no param_counts.json in {RTDETRV2}")
 @pytest.mark.parametrize("depth", [18, 34, 50, 101])
 def test_parameter_counts_equal_reference(depth):
     expected = json.loads((RTDETRV2 / "param_counts.json").read_text())[f"r{depth}"]
@@ -76,14 +87,17 @@ def test_parameter_counts_equal_reference(depth):
     assert sum(v.numel() for v in state.values()) == expected["state_dict_numel"]
 
 
-def test_state_dict_keys_and_shapes_equal_reference(model_r18):
-    expected = {key: (tuple(shape), dtype) for key, shape, dtype in json.loads((RTDETRV2 / "state_dict_keys_r18.json").read_text())}
-    ours = {key: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for key, v in model_r18.state_dict().items()}
+def test_state_dict_keys_and_shapes_equal_reference(model, depth):
+    listing = RTDETRV2 / f"state_dict_keys_{depth}.json"
+    if not listing.is_file():
+        pytest.skip(f"{listing.name} not present")
+    expected = {key: (tuple(shape), dtype) for key, shape, dtype in json.loads(listing.read_text())}
+    ours = {key: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for key, v in model.state_dict().items()}
     assert ours == expected
 
 
-def test_eval_logits_and_boxes_match_reference(eval_outputs):
-    ref = load("eval_r18.pt")
+def test_eval_logits_and_boxes_match_reference(eval_outputs, depth):
+    ref = load(f"eval_{depth}.pt")
     ours_ind, ref_ind = eval_outputs["enc_topk_ind"], ref["enc_topk_ind"]
     assert torch.equal(ours_ind.sort(-1).values, ref_ind.sort(-1).values)  # the same 300 anchors chosen
     logits = align_rows(eval_outputs["pred_logits"], ours_ind, ref_ind)
@@ -92,8 +106,8 @@ def test_eval_logits_and_boxes_match_reference(eval_outputs):
     assert (boxes - ref["pred_boxes"]).abs().max() < 1e-4
 
 
-def test_postprocessor_matches_reference_on_reference_outputs(cfg, inputs):
-    ref = load("eval_r18.pt")
+def test_postprocessor_matches_reference_on_reference_outputs(cfg, inputs, depth):
+    ref = load(f"eval_{depth}.pt")
     post = dfine.build_postprocessor(cfg)
     detections = post({"pred_logits": ref["pred_logits"], "pred_boxes": ref["pred_boxes"]}, inputs["orig_target_sizes_640"])
     for ours, theirs in zip(detections, ref["postprocessed"]):
@@ -102,10 +116,10 @@ def test_postprocessor_matches_reference_on_reference_outputs(cfg, inputs):
         assert torch.allclose(ours["scores"], theirs["scores"], atol=1e-4, rtol=0)
 
 
-def test_postprocessed_model_detections_match_reference(cfg, eval_outputs, inputs):
+def test_postprocessed_model_detections_match_reference(cfg, eval_outputs, inputs, depth):
     """End to end: our model's own outputs through our postprocessor give the reference detections (as sets:
     the order of near-equal scores may differ)."""
-    ref = load("eval_r18.pt")
+    ref = load(f"eval_{depth}.pt")
     detections = dfine.build_postprocessor(cfg)(eval_outputs, inputs["orig_target_sizes_640"])
     for ours, theirs in zip(detections, ref["postprocessed"]):
         assert torch.allclose(ours["scores"], theirs["scores"], atol=1e-4, rtol=0)  # sorted descending in both
@@ -114,11 +128,11 @@ def test_postprocessed_model_detections_match_reference(cfg, eval_outputs, input
         assert sum(a[0] == b[0] for a, b in zip(key_ours, key_ref)) >= 0.98 * len(key_ref)
 
 
-def test_deployed_model_matches_reference_deploy_outputs(cfg, inputs):
+def test_deployed_model_matches_reference_deploy_outputs(cfg, inputs, depth):
+    ref = load(f"eval_{depth}.pt")
     model = dfine.build_model(cfg, load_pretrained=False)
-    dfine.load_checkpoint(model, RTDETRV2 / "rtdetrv2_r18_perturbed.pth")
+    dfine.load_checkpoint(model, weights(depth))
     model.deploy()
-    ref = load("eval_r18.pt")
     with torch.no_grad():
         out = model(inputs["images_640_u8"].float() / 255.0)
     logits = align_rows(out["pred_logits"], out["enc_topk_ind"], ref["deploy_enc_topk_ind"])
@@ -127,22 +141,22 @@ def test_deployed_model_matches_reference_deploy_outputs(cfg, inputs):
     assert (boxes - ref["deploy_pred_boxes"]).abs().max() < 1e-4
 
 
-def test_criterion_matches_reference_loss_dict(cfg, inputs):
-    outputs = load("train_outputs_r18_train640.pt")
-    expected = load("train_ref_r18_train640.pt")["loss_dict"]
+def test_criterion_matches_reference_loss_dict(cfg, inputs, depth):
+    outputs = load(f"train_outputs_{depth}_train640.pt")
+    expected = load(f"train_ref_{depth}_train640.pt")["loss_dict"]
     losses = dfine.build_criterion(cfg)(outputs, inputs["targets_640"])
     assert sorted(losses) == sorted(expected)
     for key, value in expected.items():
         assert torch.allclose(losses[key], value, rtol=1e-5, atol=0), key
 
 
-def test_train_forward_backward_matches_reference(cfg, inputs):
+def test_train_forward_backward_matches_reference(cfg, inputs, depth):
     """A train-mode forward with the reference's seeded denoising group reproduces its outputs dict, BatchNorm
     statistics, losses and gradient norm."""
+    ref = load(f"train_ref_{depth}_train640.pt")
+    ref_outputs = load(f"train_outputs_{depth}_train640.pt")
     model = dfine.build_model(cfg, load_pretrained=False)
-    dfine.load_checkpoint(model, RTDETRV2 / "rtdetrv2_r18_perturbed.pth")
-    ref = load("train_ref_r18_train640.pt")
-    ref_outputs = load("train_outputs_r18_train640.pt")
+    dfine.load_checkpoint(model, weights(depth))
     targets = inputs["targets_640"]
     model.train()
 
