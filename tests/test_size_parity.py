@@ -3,7 +3,8 @@
 The reference data names its files by size (``dfine_{size}_perturbed.pth``, ``eval_{size}_perturbed.pt``,
 ``train_outputs_{size}_perturbed_train640.pt``, ...); today it holds N only. Each size found is checked the same
 way as N: eval outputs at 640 and at 320 (model built for 320), backbone and encoder outputs, deploy mode, the
-postprocessor on the recorded raw outputs and the criterion on the recorded train outputs, all through the
+postprocessor on the recorded raw outputs, the criterion and matcher on every recorded train case (including one
+with an image without objects, when present), all through the
 public API with configs/dfine_{size}_coco.yml. Set DFINE_REFERENCE_DIR to check another folder of such files.
 
 When the weights do not fit the config as it is (the reference code run for several sizes in one process builds
@@ -24,6 +25,7 @@ import torch
 
 import dfine
 from dfine.checkpoint import extract_state_dict, load_state_dict_checked, read_checkpoint, settings_hints
+from dfine.losses.matcher import denoising_assignment, union_assignment
 from test_decoder_parity import BOXES_TOL, align, assert_eval_parity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,19 +141,39 @@ def test_postprocessor_on_recorded_outputs(size, resolution):
         torch.testing.assert_close(ours["scores"], expected["scores"], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_criterion_on_recorded_train_outputs(size):
-    name = f"train_outputs_{size}_perturbed_train640.pt"
-    if not (REFERENCE / name).is_file():
-        pytest.skip(f"{name} not present")
-    outputs = load(name)
-    ref = load(f"train_ref_{size}_perturbed_train640.pt")
-    targets = load("inputs.pt")["targets_640"]
+# Every recorded train case, e.g. n_perturbed_train640 or n_perturbed_train320_empty (one image without objects).
+TRAIN_CASES = sorted(p.name[len("train_ref_"):-len(".pt")] for p in REFERENCE.glob("train_ref_*_*_*.pt"))
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_criterion_and_matcher_on_recorded_train_outputs(case):
+    """The criterion of configs/dfine_{size}_coco.yml on the recorded train outputs: the reference's loss terms
+    within 1e-5 relative and every Hungarian assignment, the GO-LSD union and the denoising indices equal."""
+    size = case.split("_")[0]
+    if not (REFERENCE / f"train_outputs_{case}.pt").is_file():
+        pytest.skip(f"train_outputs_{case}.pt not present")
+    outputs = load(f"train_outputs_{case}.pt")
+    ref = load(f"train_ref_{case}.pt")
+    targets = ref["targets"] if "targets" in ref else load("inputs.pt")["targets_640"]
     criterion = dfine.build_criterion(dfine.load_config(REPO / "configs" / f"dfine_{size}_coco.yml"))
     losses = criterion(outputs, targets)
     assert list(losses) == list(ref["loss_dict"])
     for key, value in ref["loss_dict"].items():
+        assert torch.isfinite(losses[key]), key
         assert losses[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-12), key
+
+    heads = {"main": outputs, **{f"aux_{i}": o for i, o in enumerate(outputs["aux_outputs"])},
+             "pre": outputs["pre_outputs"], **{f"enc_{i}": o for i, o in enumerate(outputs["enc_aux_outputs"])}}
+    assert set(heads) == set(ref["matcher_indices"])
+    assignments = criterion.matcher.match_many(list(heads.values()), targets)
+    for name, assignment in zip(heads, assignments):
+        assert same_assignment(assignment, ref["matcher_indices"][name]), name
+    assert same_assignment(union_assignment(assignments), ref["go_indices"])
+    assert same_assignment(denoising_assignment(outputs["dn_meta"], targets), ref["dn_indices"])
+
+
+def same_assignment(a, b) -> bool:
+    return all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
 
 
 def test_queries_align_by_anchor():
