@@ -118,7 +118,11 @@ def test_export_tool(checkpoint, tmp_path, capsys):
 
     ops = {node.op_type for node in onnx.load(str(out)).graph.node}
     assert "GridSample" not in ops
-    assert OnnxDetector(out).fixed_batch == 1
+    detector = OnnxDetector(out)
+    assert detector.fixed_batch == 1
+    # the file describes its classes: the checkpoint's names and label -> category id map
+    assert detector.classes == {"names": ["circle", "square", "triangle", "cross", "star", "ring"],
+                                "label_to_category": {str(i): i + 1 for i in range(6)}}
     # a tolerance nothing can meet: the tool must refuse, with a non-zero status and a clear message
     assert tool.main(["-r", str(checkpoint), "-o", str(out), "--score-tol", "-1"]) == 1
     assert "does NOT reproduce" in capsys.readouterr().err

@@ -154,16 +154,21 @@ def test_onnx_file_gives_the_same_results(public_api, tmp_path):
     from dfine.deploy import DeployModel, export_onnx, load_detector
 
     checkpoint, detect = public_api
-    model, post, _, _ = load_detector(checkpoint, deploy=True)
-    onnx_path = export_onnx(DeployModel(model, post), tmp_path / "m.onnx", SIZE, dynamic_batch=True)
+    model, post, _, classes = load_detector(checkpoint, deploy=True)
+    bare = export_onnx(DeployModel(model, post), tmp_path / "bare.onnx", SIZE, dynamic_batch=True)
     cv2.imwrite(str(tmp_path / "x.png"), cv2.cvtColor(scene(5, 200, 260), cv2.COLOR_RGB2BGR))
     out = tmp_path / "out"
-    # an .onnx file carries no class names or category ids: the checkpoint given with -c supplies them
-    assert run_tool(["-r", onnx_path, "-c", checkpoint, "-i", tmp_path / "x.png", "-o", out, "-t", "0"]) == 0
-    records = json.loads((out / "results.json").read_text())
-    assert_same(records, 0, detect(scene(5, 200, 260)))
-    assert run_tool(["-r", onnx_path, "-i", tmp_path / "x.png", "-o", out, "-t", "0"]) == 0  # alone: ids are labels
+    expected = detect(scene(5, 200, 260))
+    # an .onnx file exported without class information: the checkpoint given with -c supplies it
+    assert run_tool(["-r", bare, "-c", checkpoint, "-i", tmp_path / "x.png", "-o", out, "-t", "0"]) == 0
+    assert_same(json.loads((out / "results.json").read_text()), 0, expected)
+    assert run_tool(["-r", bare, "-i", tmp_path / "x.png", "-o", out, "-t", "0"]) == 0  # alone: ids are labels
     assert {r["category_id"] for r in json.loads((out / "results.json").read_text())} <= set(range(6))
+    # with the class information in its metadata (as tools/export_onnx.py writes it) the file stands alone
+    described = export_onnx(DeployModel(model, post), tmp_path / "described.onnx", SIZE, dynamic_batch=True,
+                            classes={"names": classes.names, "label_to_category": classes.category_ids})
+    assert run_tool(["-r", described, "-i", tmp_path / "x.png", "-o", out, "-t", "0"]) == 0
+    assert_same(json.loads((out / "results.json").read_text()), 0, expected)
 
 
 def test_bad_input_is_a_clear_error(public_api, tmp_path, capsys):

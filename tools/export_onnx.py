@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         print("error: give a checkpoint (-r) and/or a config (-c)", file=sys.stderr)
         return 2
     try:
-        model, post, cfg, _ = load_detector(args.resume, args.config, args.update, sampling=args.sampling, deploy=True)
+        model, post, cfg, classes = load_detector(args.resume, args.config, args.update, sampling=args.sampling, deploy=True)
     except (ConfigError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     deploy_model = DeployModel(model, post).eval()
     try:
         export_onnx(deploy_model, output, (int(size[0]), int(size[1])), dynamic_batch=args.dynamic_batch,
-                    batch_size=args.batch_size, opset=args.opset, simplify=args.simplify)
+                    batch_size=args.batch_size, opset=args.opset, simplify=args.simplify,
+                    classes={"names": classes.names, "label_to_category": classes.category_ids})
         detector = OnnxDetector(output)
         # two images at least, so a batched run is compared too (a fixed-batch graph runs them chunk by chunk)
         images, sizes = parity_images((int(size[0]), int(size[1])), max(2, args.batch_size), args.images)

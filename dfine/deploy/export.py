@@ -7,11 +7,13 @@ The exported graph has the reference's interface:
     outputs  labels [B, K] int64 (0..C-1), boxes [B, K, 4] float32 xyxy pixels, scores [B, K] float32
 
 Exported models have been seen to lose accuracy silently, so nothing here calls an export good before
-onnxruntime has reproduced PyTorch on the same images (``compare_detections``).
+onnxruntime has reproduced PyTorch on the same images (``compare_detections``). The class names and the
+label -> category id map travel in the file's metadata (``CLASSES_METADATA_KEY``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 INPUT_NAMES = ("images", "orig_target_sizes")
 OUTPUT_NAMES = ("labels", "boxes", "scores")
 DEFAULT_OPSET = 17
+CLASSES_METADATA_KEY = "dfine.classes"  # JSON {"names": [...], "label_to_category": {"0": id, ...}}
 
 
 class ExportError(RuntimeError):
@@ -60,11 +63,14 @@ def export_onnx(
     batch_size: int = 1,
     opset: int = DEFAULT_OPSET,
     simplify: bool = False,
+    classes: dict | None = None,
 ) -> Path:
     """Trace ``deploy_model`` at ``image_size`` = (H, W) and write an ONNX file checked by ``onnx.checker``.
 
     ``dynamic_batch`` makes the batch dimension of every input and output symbolic (``N``); otherwise the
-    graph is fixed to ``batch_size``. ``simplify`` runs onnxsim when it is installed.
+    graph is fixed to ``batch_size``. ``simplify`` runs onnxsim when it is installed. ``classes``
+    (``{"names": [...], "label_to_category": {label: id}}``) is stored in the file's metadata under
+    ``CLASSES_METADATA_KEY``, so the file alone tells what its labels mean.
     """
     import onnx
 
@@ -99,7 +105,15 @@ def export_onnx(
         simplified, ok = onnxsim.simplify(onnx_model)
         if not ok:
             raise ExportError("onnxsim could not validate the simplified model; export without --simplify")
-        onnx.save(simplified, str(path))
+        onnx_model = simplified
+    if classes:
+        entry = onnx_model.metadata_props.add()
+        entry.key, entry.value = CLASSES_METADATA_KEY, json.dumps(
+            {"names": list(classes.get("names") or []),
+             "label_to_category": {str(k): int(v) for k, v in (classes.get("label_to_category") or {}).items()}}
+        )
+    if simplify or classes:
+        onnx.save(onnx_model, str(path))
     logger.info("exported %s (opset %d, %s batch, %dx%d)", path, opset, "dynamic" if dynamic_batch else f"fixed {batch}", height, width)
     return path
 
@@ -126,6 +140,8 @@ class OnnxDetector:
         names = [i.name for i in self.session.get_inputs()]
         if names != list(INPUT_NAMES):
             raise ExportError(f"{path}: inputs are {names}, expected {list(INPUT_NAMES)} (not exported by this tool?)")
+        stored = self.session.get_modelmeta().custom_metadata_map.get(CLASSES_METADATA_KEY)
+        self.classes: dict | None = json.loads(stored) if stored else None
         shape = self.session.get_inputs()[0].shape
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.image_size = (shape[2], shape[3]) if all(isinstance(s, int) for s in shape[2:]) else None

@@ -43,8 +43,9 @@ def draw_detections(image_rgb: np.ndarray, detections: dict, classes: ClassInfo,
         text = f"{classes.name(int(label))} {float(score):.2f}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, thickness)
         top = max(0, y1 - th - base - 2)
-        cv2.rectangle(canvas, (x1, top), (x1 + tw + 2, top + th + base + 2), colour, -1)
-        cv2.putText(canvas, text, (x1 + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, (0, 0, 0), thickness)
+        left = max(0, min(x1, canvas.shape[1] - tw - 2))  # keep the label inside the image at the right edge
+        cv2.rectangle(canvas, (left, top), (left + tw + 2, top + th + base + 2), colour, -1)
+        cv2.putText(canvas, text, (left + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, (0, 0, 0), thickness)
     return canvas
 
 

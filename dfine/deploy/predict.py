@@ -68,9 +68,13 @@ class Predictor:
             size = tuple(image_size or detector.image_size or ())
             if len(size) != 2:
                 raise ValueError(f"{path} has a dynamic image size: give the input size (--size H W)")
-            # an ONNX file carries no class names: a YAML config, or better the checkpoint it was exported from
-            # (names and category ids), supplies them
-            classes = ClassInfo()
+            # files from tools/export_onnx.py carry their class names and category ids; a checkpoint or a config
+            # given with -c takes precedence (and serves files exported without them)
+            stored = detector.classes or {}
+            classes = ClassInfo(
+                names=list(stored.get("names") or []),
+                category_ids={int(k): int(v) for k, v in (stored.get("label_to_category") or {}).items()},
+            )
             if config_path and str(config_path).endswith((".pth", ".pt")):
                 classes = class_info(*resolve_config(config_path, None, overrides))
             elif config_path:
