@@ -15,7 +15,7 @@ setup(
     description="Training framework for real-time DETR detectors: D-FINE and RT-DETRv2",
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.11",
     packages=find_packages(include=["dfine", "dfine.*"]),
     install_requires=requirements,
     extras_require={

@@ -13,6 +13,10 @@ import torch.nn as nn
 logger = logging.getLogger(__name__)
 
 
+# Anchor buffers are computed from eval_spatial_size; a checkpoint saved at another size carries other shapes.
+RECOMPUTED_BUFFERS = ("decoder.anchors", "decoder.valid_mask")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message names file, keys and shapes."""
 
@@ -26,6 +30,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, checkpoint shape, model shape)
+    recomputed: list[str] = field(default_factory=list)  # size-dependent buffers kept as the model computed them
 
     @property
     def ok(self) -> bool:
@@ -85,7 +90,10 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str, strict: 
         if key not in own:
             report.unexpected.append(key)
         elif tuple(own[key].shape) != tuple(value.shape):
-            report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+            if key.endswith(RECOMPUTED_BUFFERS):
+                report.recomputed.append(key)
+            else:
+                report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
         else:
             usable[key] = value
     report.missing = [k for k in own if k not in state]
@@ -102,6 +110,11 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str, strict: 
         raise CheckpointError(f"checkpoint does not fit the model:\n{report.describe()}{advice}")
     model.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
+    if report.recomputed:
+        logger.info(
+            "%s: kept the model's own %s (the checkpoint's belong to another eval_spatial_size; they are a "
+            "function of it, not learned)", source, ", ".join(report.recomputed),
+        )
     return report
 
 

@@ -119,6 +119,16 @@ def test_real_dfine_n_resume_is_bit_identical_and_eval_tool_reproduces_ap(tmp_pa
     evaluated = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
     best_epoch = metrics["best"]["epoch"]
     assert evaluated["stats"] == metrics["epochs"][best_epoch]["eval"]["stats"]
+    # ... and goes to TensorBoard too, at the checkpoint's epoch: the 12 numbers, per-class AP, report images
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "eval" / "summary"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    (point,) = events.Scalars("Test/AP")
+    assert point.step == best_epoch and point.value == pytest.approx(evaluated["stats"]["AP"], abs=1e-6)
+    assert "Test/per_class_AP/red_circle" in scalars and len([t for t in scalars if "per_class_AP" in t]) >= 1
+    assert events.Tags()["images"]
 
 
 def test_rtdetrv2_r18_demo_trains_and_evaluates_through_the_same_engine(tmp_path):

@@ -1,4 +1,4 @@
-"""Time the train step, the eval forward or the data pipeline, with the protocol of DESIGN.md's performance note.
+"""Time the train step, the eval forward or the data pipeline (protocol: ../shared/DESIGN.md, performance note).
 
     python tools/benchmark.py train -c configs/dfine_n_coco.yml           # forward, criterion, backward, clip, step; EMA apart
     python tools/benchmark.py eval -c configs/dfine_s_coco.yml            # eval-mode forward latency
@@ -218,7 +218,7 @@ def data_throughput(cfg: dict, size: int, num_images: int = 32) -> dict:
 
 
 def bench_all(cfg: dict, args, device: torch.device) -> dict:
-    """Everything, in the DESIGN.md protocol: model costs and eval latency (batch 1), train step (batch 2), data."""
+    """Everything, in the protocol of ../shared/DESIGN.md: model costs and eval latency (batch 1), train step (batch 2), data."""
     batch = args.batch_size
     args.batch_size = None
     model = bench_model(cfg, args, device)

@@ -42,7 +42,8 @@ MAX_HIDDEN_FRACTION = 0.4
 
 
 def default_cache_dir() -> Path:
-    """``$DFINE_CACHE`` if set, else ``.cache/`` in the repository checkout, else ``~/.cache/dfine``."""
+    """``$DFINE_CACHE/synthetic`` if DFINE_CACHE is set, else ``.cache/synthetic`` in the repository checkout, else
+    ``~/.cache/dfine/synthetic``."""
     if os.environ.get("DFINE_CACHE"):
         return Path(os.environ["DFINE_CACHE"]) / "synthetic"
     repo = Path(__file__).resolve().parents[2]

@@ -66,7 +66,12 @@ def compare_ap(cfg: dict, deploy_model, onnx_detector, max_images: int | None = 
     torch_records, onnx_records, seen = [], [], []
     max_score, max_box = 0.0, 0.0
     with torch.no_grad():
-        for images, targets in tqdm(loader, desc="AP check", unit="batch"):
+        total = len(loader)
+        if max_images:
+            per_batch = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 1
+            total = min(total, -(-max_images // per_batch))
+        progress = tqdm(total=total, desc="AP check", unit="batch")
+        for images, targets in loader:
             ids = [int(t["image_id"].reshape(-1)[0]) for t in targets]
             sizes = torch.stack([t["orig_size"] for t in targets]).to(torch.int64)
             ours = deploy_model(images, sizes)
@@ -76,8 +81,10 @@ def compare_ap(cfg: dict, deploy_model, onnx_detector, max_images: int | None = 
             torch_records += _records(ids, ours, mapping)
             onnx_records += _records(ids, theirs, mapping)
             seen += ids
+            progress.update()
             if max_images and len(seen) >= max_images:
                 break
+        progress.close()
     subset = {**gt, "images": [im for im in gt["images"] if im["id"] in set(seen)]}
     subset["annotations"] = [a for a in gt.get("annotations", []) if a["image_id"] in set(seen)]
     ours_eval = evaluate_records(subset, torch_records)

@@ -75,7 +75,7 @@ def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False, fi
     if sync_bn and device.type == "cuda":
         # converts in place (children are swapped, parameters shared), so optimizer and EMA stay valid
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif sync_bn:
+    elif sync_bn and is_main_process():  # the same on every rank: say it once
         logger.warning("sync_bn is ignored on %s (SyncBatchNorm needs CUDA); each rank normalises its own batch", device)
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)

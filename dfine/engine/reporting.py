@@ -54,15 +54,21 @@ def checkpoint_label_map(checkpoint_classes, dataset_map: dict | None, source: s
     return stored
 
 
-def log_eval_result(result: EvalResult, epoch: int | None, writer) -> None:
+def log_eval_result(result: EvalResult, epoch: int | None, writer, step: int | None = None) -> None:
+    """The 12 COCO numbers and the per-class table to the log and, with a writer, to TensorBoard (``Test/AP``...,
+    ``Test/per_class_AP/<name>``) at ``step`` (default: the epoch)."""
     where = f"epoch {epoch}" if epoch is not None else "evaluation"
     logger.info(
         "%s: %d images, %d detections (%s)\n%s\nper-class AP:\n%s",
         where, result.num_images, result.num_detections, result.backend, result.summary_table(), result.per_class_table(),
     )
-    if writer is not None and epoch is not None:
+    step = epoch if step is None else step
+    if writer is not None and step is not None:
         for name, value in zip(STAT_NAMES, result.stats):
-            writer.add_scalar(f"Test/{name}", value, epoch)
+            writer.add_scalar(f"Test/{name}", value, step)
+        for row in result.per_class:
+            if row["ap"] >= 0:  # -1: no ground truth of that class in this set
+                writer.add_scalar(f"Test/per_class_AP/{row['name']}", row["ap"], step)
         writer.flush()
 
 

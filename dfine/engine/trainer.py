@@ -194,14 +194,19 @@ def _evaluate_only(cfg, model, postprocessor, val_loader, evaluator, device, res
             label_to_category = checkpoint_label_map(read_checkpoint(resume).get("classes"), label_to_category, resume)
     result = evaluate(model, postprocessor, val_loader, evaluator, device, label_to_category, use_amp, amp_dtype)
     if dist_utils.is_main_process():
-        log_eval_result(result, None, None)
+        # TensorBoard points go at the checkpoint's epoch, beside the curves of the run that wrote it
+        step = read_checkpoint(resume).get("last_epoch", 0) if resume else 0
+        step = step if isinstance(step, int) and step >= 0 else 0
+        writer = _summary_writer(cfg, output_dir)
+        log_eval_result(result, None, writer, step=step)
         path = output_dir / "eval_metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"checkpoint": resume, **result.as_dict()}, indent=1))
         logger.info("metrics written to %s", path)
         from dfine.evaluation.reports import write_reports_for_dataset  # PR curves, confusion matrix, grid (PNG)
 
-        write_reports_for_dataset(result, evaluator.gt, val_loader.dataset, output_dir / "reports")
+        write_reports_for_dataset(result, evaluator.gt, val_loader.dataset, output_dir / "reports", writer, step)
+        writer.close()
     return 0
 
 
