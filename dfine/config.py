@@ -47,6 +47,7 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "use_ema": "keep and evaluate an EMA copy of the model",
     "epochs": "total number of training epochs",
     "stop_epoch": "epoch from which strong augmentation and multi-scale stop (the no-augmentation phase)",
+    "reload_best_at_stop_epoch": "at stop_epoch continue from best.pth (weights, EMA, optimizer), as D-FINE does",
     "clip_max_norm": "gradient clipping max norm (0 disables)",
     "use_amp": "mixed precision training",
     "amp_dtype": "`bfloat16` or `float16` (float16 uses a GradScaler)",

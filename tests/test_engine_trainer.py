@@ -210,3 +210,20 @@ def test_eval_tool_reads_config_from_checkpoint(tmp_path, capsys):
     ])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: annotation file not found") and str(missing) in err
+
+
+@pytest.mark.parametrize(("config", "reload"), [("dfine_n_coco.yml", True), ("rtdetrv2_r18vd_coco.yml", False)])
+def test_no_augmentation_phase_starts_from_best_weights_only_for_d_fine(tmp_path, config, reload):
+    """D-FINE's reference continues from its best checkpoint at stop_epoch; RT-DETRv2's keeps its weights."""
+    from types import SimpleNamespace
+
+    cfg = load_config(REPO / "configs" / config)
+    assert cfg["reload_best_at_stop_epoch"] is reload
+    model, best = nn.Linear(3, 2), nn.Linear(3, 2)
+    torch.save({"model": best.state_dict()}, tmp_path / "best.pth")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters())
+    loader = SimpleNamespace(dataset=SimpleNamespace(), collate_fn=None)
+    trainer.enter_no_augmentation_phase(5, loader, None, model, optimizer, tmp_path, reload_best=cfg["reload_best_at_stop_epoch"])
+    expected = best.state_dict() if reload else before
+    assert states_equal(model.state_dict(), expected)

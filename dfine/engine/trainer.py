@@ -121,7 +121,10 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
         seed_everything(epoch_seed(seed, epoch, dist_utils.get_rank()))
         train_loader.set_epoch(epoch)
         if schedule.is_switch_epoch(epoch):
-            enter_no_augmentation_phase(epoch, train_loader, ema, model, optimizer, output_dir)
+            enter_no_augmentation_phase(
+                epoch, train_loader, ema, model, optimizer, output_dir,
+                reload_best=bool(cfg.get("reload_best_at_stop_epoch", True)),
+            )
 
         train_stats = train_one_epoch(
             train_model, criterion, train_loader, optimizer, settings, state, epoch=epoch, scaler=scaler, ema=ema,
@@ -163,13 +166,15 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
     return 0
 
 
-def enter_no_augmentation_phase(epoch, train_loader, ema, model, optimizer, output_dir: Path) -> None:
-    """The switch into the last phase, in one place: restart from the best weights so far (as the reference),
-    augmentation policy off and single-scale batches (both follow ``loader.set_epoch``), EMA restarted with
-    its own decay."""
+def enter_no_augmentation_phase(
+    epoch, train_loader, ema, model, optimizer, output_dir: Path, reload_best: bool = True
+) -> None:
+    """The switch into the last phase, in one place: restart from the best weights so far (as the D-FINE
+    reference; RT-DETRv2's does not, ``reload_best=False``), augmentation policy off and single-scale batches
+    (both follow ``loader.set_epoch``), EMA restarted with its own decay."""
     logger.info("=== epoch %d: entering the no-augmentation phase ===", epoch)
     best_path = output_dir / "best.pth"
-    if best_path.is_file():
+    if reload_best and best_path.is_file():
         best = read_checkpoint(best_path)
         model.load_state_dict(best["model"])
         if ema is not None and best.get("ema"):
