@@ -151,17 +151,23 @@ def settings_hints(report: LoadReport) -> list[str]:
 
 
 def load_checkpoint(
-    model: nn.Module, path: str | os.PathLike, strict: bool = True, weights_only: bool = True
+    model: nn.Module, path: str | os.PathLike | dict, strict: bool = True, weights_only: bool = True,
+    source: str | None = None,
 ) -> LoadReport:
     """Load weights from one of our checkpoints or a reference release into ``model``.
 
-    Accepts ``{'ema': {'module': sd}}`` (preferred), ``{'model': sd}`` or a bare state dict, with or without
-    a ``module.`` prefix. Mismatches raise unless ``strict=False``, in which case they are skipped, logged
-    and returned in the report.
+    ``path`` is a file, or a checkpoint dict already read with ``read_checkpoint`` (callers that also need its
+    config, classes or epoch read the file once; ``source`` then names it in messages). Accepts
+    ``{'ema': {'module': sd}}`` (preferred), ``{'model': sd}`` or a bare state dict, with or without a
+    ``module.`` prefix. Mismatches raise unless ``strict=False``, in which case they are skipped, logged and
+    returned in the report.
     """
-    checkpoint = read_checkpoint(path, weights_only=weights_only)
-    state, where = extract_state_dict(checkpoint, str(path))
-    report = load_state_dict_checked(model, state, f"{path} [{where}]", strict=strict)
+    if isinstance(path, dict):
+        checkpoint, source = path, source or "checkpoint"
+    else:
+        checkpoint, source = read_checkpoint(path, weights_only=weights_only), source or str(path)
+    state, where = extract_state_dict(checkpoint, source)
+    report = load_state_dict_checked(model, state, f"{source} [{where}]", strict=strict)
     if not report.ok:
         logger.warning("%s", report.describe())
     return report

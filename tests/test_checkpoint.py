@@ -40,6 +40,11 @@ def test_layouts(tmp_path, layout):
     report = load_checkpoint(target, path)
     assert report.ok and sorted(report.loaded) == sorted(state)
     assert_same_weights(source, target)
+    # the same from a checkpoint dict the caller has already read
+    again = small_model(3)
+    report = load_checkpoint(again, torch.load(path, weights_only=True), source="ckpt.pth")
+    assert report.ok and report.source.startswith("ckpt.pth [")
+    assert_same_weights(source, again)
 
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path):

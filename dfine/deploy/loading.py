@@ -107,7 +107,7 @@ def load_detector(
     model = dfine.build_model(cfg, load_pretrained=False)
     if checkpoint_path:
         try:
-            dfine.load_checkpoint(model, checkpoint_path)
+            dfine.load_checkpoint(model, checkpoint, source=str(checkpoint_path))  # read once, by resolve_config
         except CheckpointError as err:
             raise CheckpointError(f"{err}\n(does -c / the stored config describe the model this checkpoint was trained as?)") from None
     else:

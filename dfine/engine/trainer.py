@@ -193,15 +193,17 @@ def enter_no_augmentation_phase(
 
 
 def _evaluate_only(cfg, model, postprocessor, val_loader, evaluator, device, resume, output_dir, label_to_category, use_amp, amp_dtype) -> int:
+    step = 0  # TensorBoard points go at the checkpoint's epoch, beside the curves of the run that wrote it
     if resume:
-        dfine.load_checkpoint(model, resume)  # EMA weights when present
+        checkpoint = read_checkpoint(resume)  # read once: weights (EMA when present), class map, epoch
+        dfine.load_checkpoint(model, checkpoint, source=str(resume))
         if not getattr(postprocessor, "remap_mscoco_category", False):
-            label_to_category = checkpoint_label_map(read_checkpoint(resume).get("classes"), label_to_category, resume)
+            label_to_category = checkpoint_label_map(checkpoint.get("classes"), label_to_category, resume)
+        epoch = checkpoint.get("last_epoch")
+        step = epoch if isinstance(epoch, int) and epoch >= 0 else 0
+        del checkpoint
     result = evaluate(model, postprocessor, val_loader, evaluator, device, label_to_category, use_amp, amp_dtype)
     if dist_utils.is_main_process():
-        # TensorBoard points go at the checkpoint's epoch, beside the curves of the run that wrote it
-        step = read_checkpoint(resume).get("last_epoch", 0) if resume else 0
-        step = step if isinstance(step, int) and step >= 0 else 0
         writer = _summary_writer(cfg, output_dir)
         log_eval_result(result, None, writer, step=step)
         path = output_dir / "eval_metrics.json"
