@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,20 +19,11 @@ from dfine.models.backbones import hgnetv2 as hgnetv2_module
 from dfine.models.backbones.hgnetv2 import ARCHS, HGNetV2, PretrainedWeightsError
 from dfine.models.hybrid_encoder import HybridEncoder
 from dfine.registry import BACKBONES, ENCODERS
+from helpers import N_ENCODER, REFERENCE_DIR, reference
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 # the reference configs/dfine/dfine_hgnetv2_n_coco.yml
 N_BACKBONE = dict(name="B0", use_lab=True, return_idx=[2, 3], freeze_at=-1, freeze_norm=False, pretrained=False)
-N_ENCODER = dict(in_channels=[512, 1024], feat_strides=[16, 32], hidden_dim=128, use_encoder_idx=[1],
-                 dim_feedforward=512, expansion=0.34, depth_mult=0.5)
-
-
-def reference(name: str):
-    path = REFERENCE_DIR / name
-    if not path.is_file():
-        pytest.skip(f"reference file {path} not found (../shared/reference beside the repo)")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def reference_weights(prefix: str) -> dict[str, torch.Tensor]:

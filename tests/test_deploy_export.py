@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime")
 import dfine  # noqa: E402
 from dfine.deploy import DeployModel, OnnxDetector, compare_detections, export_onnx, load_detector  # noqa: E402
 from dfine.deploy.export import parity_images  # noqa: E402
+from helpers import make_demo_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "dfine_n_demo.yml"
@@ -23,20 +24,7 @@ SIZE = (256, 256)  # small and fast (N needs >= 300 anchors: 16x16 + 8x8); ancho
 
 
 def make_checkpoint(path: Path, overrides=()) -> Path:
-    """A demo-model checkpoint in our format (weights + config + classes). The seeded initialisation gets seeded
-    noise so that the features depend on the image; plain initialisation gives nearly tied scores."""
-    cfg = dfine.load_config(DEMO, [f"eval_spatial_size=[{SIZE[0]}, {SIZE[1]}]", *overrides])
-    torch.manual_seed(0)
-    model = dfine.build_model(cfg, load_pretrained=False)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    classes = {"names": ["circle", "square", "triangle", "cross", "star", "ring"],
-               "label_to_category": {i: i + 1 for i in range(6)}, "remap_mscoco_category": False}
-    torch.save({"model": model.state_dict(), "config": cfg, "classes": classes}, path)
-    return path
+    return make_demo_checkpoint(path, SIZE, overrides)
 
 
 @pytest.fixture(scope="module")

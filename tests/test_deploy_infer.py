@@ -14,27 +14,15 @@ import torch
 import dfine
 from dfine.data.transforms import ConvertPILImage, Resize
 from dfine.deploy import compare_detections
+from helpers import make_demo_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "dfine_n_demo.yml"
 SIZE = (256, 256)
-NAMES = ["circle", "square", "triangle", "cross", "star", "ring"]
 
 
 def make_checkpoint(path: Path) -> Path:
-    """Demo-model checkpoint (weights + config + classes, category id = label + 1), seeded and perturbed so that
-    the features depend on the image."""
-    cfg = dfine.load_config(DEMO, [f"eval_spatial_size=[{SIZE[0]}, {SIZE[1]}]"])
-    torch.manual_seed(0)
-    model = dfine.build_model(cfg, load_pretrained=False)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    classes = {"names": NAMES, "label_to_category": {i: i + 1 for i in range(6)}, "remap_mscoco_category": False}
-    torch.save({"model": model.state_dict(), "config": cfg, "classes": classes}, path)
-    return path
+    return make_demo_checkpoint(path, SIZE)
 
 
 def scene(seed: int, height: int, width: int) -> np.ndarray:

@@ -5,7 +5,6 @@ an input size other than ``eval_spatial_size``. Backbone-chained checks live in 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,19 +12,7 @@ import torch.nn as nn
 
 from dfine.layers.conv import RepVGGBlock
 from dfine.models.hybrid_encoder import HybridEncoder
-
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-
-# the reference configs/dfine/dfine_hgnetv2_n_coco.yml encoder section
-N_ENCODER = dict(in_channels=[512, 1024], feat_strides=[16, 32], hidden_dim=128, use_encoder_idx=[1],
-                 dim_feedforward=512, expansion=0.34, depth_mult=0.5)
-
-
-def reference(name: str):
-    path = REFERENCE_DIR / name
-    if not path.is_file():
-        pytest.skip(f"reference file {path} not found (../shared/reference beside the repo)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+from helpers import N_ENCODER, reference
 
 
 def reference_encoder(eval_spatial_size) -> HybridEncoder:

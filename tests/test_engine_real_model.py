@@ -15,6 +15,7 @@ import torch
 import dfine
 import dfine.engine.trainer as trainer
 from dfine.config import load_config
+from helpers import run_killed_at_epoch_1
 from dfine.engine.build import build_optimizer
 from dfine.engine.loop import StepSettings, TrainState, train_one_epoch
 
@@ -90,18 +91,7 @@ def test_real_dfine_n_resume_is_bit_identical_and_eval_tool_reproduces_ap(tmp_pa
 
     # kill a second run during epoch 1 (after the epoch-0 checkpoint) and resume it in the same process
     cfg2 = demo_config(tmp_path / "interrupted")
-    real_epoch = trainer.train_one_epoch
-
-    def dies_at_epoch_1(*args, epoch, **kwargs):
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-        return real_epoch(*args, epoch=epoch, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", dies_at_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run(cfg2)
-    monkeypatch.setattr(trainer, "train_one_epoch", real_epoch)
-    resumed_dir = Path(cfg2["output_dir"])
+    resumed_dir = run_killed_at_epoch_1(monkeypatch, trainer, cfg2)
     torch.manual_seed(12345)  # a fresh process would not share our RNG state either
     assert trainer.run(cfg2, resume=str(resumed_dir / "last.pth")) == 0
     resumed = torch.load(resumed_dir / "last.pth", weights_only=True)

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import dfine.engine.trainer as trainer
 from dfine.config import load_config
+from helpers import run_killed_at_epoch_1
 from dfine.registry import BACKBONES, CRITERIONS, DECODERS, DETECTORS, ENCODERS, MATCHERS, POSTPROCESSORS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,18 +163,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
     # "kill" the second run right after its epoch-0 checkpoint, then resume it
     cfg2 = tiny_config(tmp_path, "interrupted")
-    real_epoch = trainer.train_one_epoch
-
-    def dies_at_epoch_1(*args, epoch, **kwargs):
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-        return real_epoch(*args, epoch=epoch, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", dies_at_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run(cfg2)
-    monkeypatch.setattr(trainer, "train_one_epoch", real_epoch)
-    resumed_dir = Path(cfg2["output_dir"])
+    resumed_dir = run_killed_at_epoch_1(monkeypatch, trainer, cfg2)
     assert torch.load(resumed_dir / "last.pth", weights_only=True)["last_epoch"] == 0
     torch.manual_seed(12345)  # a fresh process would not share our RNG state either
     assert trainer.run(cfg2, resume=str(resumed_dir / "last.pth")) == 0
