@@ -13,14 +13,13 @@ Flow for a batch of multi-level features::
 
 The encoder side (projection, anchors, query selection, denoising group) lives in
 dfine/models/query_selection.py, shared with RT-DETRv2. In training, contrastive denoising queries
-(dfine/models/denoising.py) run beside the selected ones and every
-layer's outputs are returned for the deep supervision and GO-LSD distillation of the criterion.
+(dfine/models/denoising.py) run beside the selected ones and every layer's outputs are returned for the deep
+supervision and GO-LSD distillation of the criterion.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from typing import Sequence
 
 import torch
@@ -32,15 +31,9 @@ from dfine.layers.deformable_attention import MSDeformableAttention, split_value
 from dfine.layers.mlp import MLP, mlp_activation
 from dfine.models.denoising import DenoisingGroup
 from dfine.models.fdr import distance2bbox, weighting_function
-from dfine.models.query_selection import QuerySelectionDecoder
+from dfine.models.query_selection import QuerySelectionDecoder, bias_for_prior
 from dfine.ops.boxes import inverse_sigmoid
 from dfine.registry import DECODERS
-
-
-
-def bias_for_prior(prob: float) -> float:
-    """Bias that makes sigmoid(bias) == prob (focal-loss style prior)."""
-    return -math.log((1 - prob) / prob)
 
 
 def integral(pred_corners: Tensor, project: Tensor) -> Tensor:
@@ -54,8 +47,6 @@ def integral(pred_corners: Tensor, project: Tensor) -> Tensor:
     """
     probs = pred_corners.reshape(*pred_corners.shape[:-1], 4, project.shape[0]).softmax(-1)
     return probs @ project.to(probs.dtype)
-
-
 
 
 class Gate(nn.Module):
@@ -375,22 +366,9 @@ class DFINETransformer(QuerySelectionDecoder):
         self._reset_parameters(feat_channels)
 
     def _reset_parameters(self, feat_channels: list[int]) -> None:
-        # Zero box heads start every box at its anchor / reference; class biases at a 1% prior.
-        prior = bias_for_prior(0.01)
-        nn.init.constant_(self.enc_score_head.bias, prior)
-        for head in (self.enc_bbox_head, self.pre_bbox_head, *self.dec_bbox_head):
-            nn.init.zeros_(head.layers[-1].weight)
-            nn.init.zeros_(head.layers[-1].bias)
-        for head in self.dec_score_head:
-            nn.init.constant_(head.bias, prior)
-        nn.init.xavier_uniform_(self.enc_output.proj.weight)
-        if self.learn_query_content:
-            nn.init.xavier_uniform_(self.tgt_embed.weight)
-        for layer in self.query_pos_head.layers:
-            nn.init.xavier_uniform_(layer.weight)
-        for projection, channels in zip(self.input_proj, feat_channels):
-            if channels != self.hidden_dim:
-                nn.init.xavier_uniform_(projection.conv.weight)
+        # the reference initialises only the projections of the backbone levels that are not already hidden_dim
+        projections = [p for p, c in zip(self.input_proj, feat_channels) if c != self.hidden_dim]
+        self._reset_head_parameters((self.enc_bbox_head, self.pre_bbox_head, *self.dec_bbox_head), projections)
 
     def convert_to_deploy(self) -> None:
         """Drop the class heads that inference never reads (DFINE.deploy calls this)."""

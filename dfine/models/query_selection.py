@@ -6,8 +6,9 @@ its own refinement layers and heads.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,11 @@ from dfine.layers.mlp import MLP
 from dfine.models.denoising import DenoisingGroup, contrastive_denoising_group
 
 QUERY_SELECT_METHODS = ("default", "agnostic", "one2many")
+
+
+def bias_for_prior(prob: float) -> float:
+    """Bias that makes sigmoid(bias) == prob (focal-loss style prior)."""
+    return -math.log((1 - prob) / prob)
 
 
 def generate_anchors(
@@ -127,6 +133,24 @@ class QuerySelectionDecoder(nn.Module):
         agnostic = self.query_select_method == "agnostic"
         self.enc_score_head = nn.Linear(hidden_dim, 1 if agnostic else num_classes)
         self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, act=mlp_act)
+
+    def _reset_head_parameters(self, box_heads: Iterable[nn.Module], projections: Iterable[nn.Module]) -> None:
+        """Initialisation both references share: zero box heads start every box at its anchor / reference, class
+        biases at a 1% prior, Xavier for the encoder output, query heads and the given input projections."""
+        prior = bias_for_prior(0.01)
+        nn.init.constant_(self.enc_score_head.bias, prior)
+        for head in box_heads:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        for head in self.dec_score_head:
+            nn.init.constant_(head.bias, prior)
+        nn.init.xavier_uniform_(self.enc_output.proj.weight)
+        if self.learn_query_content:
+            nn.init.xavier_uniform_(self.tgt_embed.weight)
+        for layer in self.query_pos_head.layers:
+            nn.init.xavier_uniform_(layer.weight)
+        for projection in projections:
+            nn.init.xavier_uniform_(projection.conv.weight)
 
     def _register_eval_anchors(self) -> None:
         """Cache the anchors of ``eval_spatial_size`` as buffers (saved in checkpoints, like the reference's)."""

@@ -28,7 +28,6 @@ from torch import Tensor
 from dfine.layers.deformable_attention import MSDeformableAttention
 from dfine.layers.mlp import MLP, mlp_activation
 from dfine.models.denoising import DenoisingGroup
-from dfine.models.dfine_decoder import bias_for_prior
 from dfine.models.query_selection import QuerySelectionDecoder
 from dfine.ops.boxes import inverse_sigmoid
 from dfine.registry import DECODERS
@@ -217,21 +216,7 @@ class RTDETRTransformerv2(QuerySelectionDecoder):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        # Zero box heads start every box at its anchor / reference; class biases at a 1% prior.
-        prior = bias_for_prior(0.01)
-        nn.init.constant_(self.enc_score_head.bias, prior)
-        for head in (self.enc_bbox_head, *self.dec_bbox_head):
-            nn.init.zeros_(head.layers[-1].weight)
-            nn.init.zeros_(head.layers[-1].bias)
-        for head in self.dec_score_head:
-            nn.init.constant_(head.bias, prior)
-        nn.init.xavier_uniform_(self.enc_output.proj.weight)
-        if self.learn_query_content:
-            nn.init.xavier_uniform_(self.tgt_embed.weight)
-        for layer in self.query_pos_head.layers:
-            nn.init.xavier_uniform_(layer.weight)
-        for projection in self.input_proj:
-            nn.init.xavier_uniform_(projection.conv.weight)
+        self._reset_head_parameters((self.enc_bbox_head, *self.dec_bbox_head), self.input_proj)
 
     def forward(
         self, feats: Sequence[Tensor], targets: list[dict] | None = None, denoising: DenoisingGroup | None = None
