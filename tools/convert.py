@@ -1,85 +1,14 @@
 """Convert between our checkpoints and Hugging Face transformers model folders (D-FINE and RT-DETRv2).
 
-    python tools/convert.py --to-hf -c configs/dfine_n_coco.yml -r dfine_n_coco.pth -o hf/dfine-n   # reference release
-    python tools/convert.py --to-hf -r output/dfine_n_custom/best.pth -o hf/my-model               # config from checkpoint
-    python tools/convert.py --from-hf path/to/dfine-nano-coco -o dfine_n_from_hf.pth                # then tools/eval.py -r
+Launcher for dfine/cli/convert.py (also installed as the `dfine` command), kept so that `python tools/convert.py` and
+`torchrun tools/convert.py` work from a source checkout."""
 
---from-hf reads a local folder (download it first, e.g. `huggingface-cli download ustc-community/dfine-nano-coco
---local-dir dfine-nano-coco`). Its training settings come from -c, by default the matching size's COCO config.
-Conversion moves weights only: fine-tune here, since transformers' D-FINE loss differs from the reference's
-(see dfine/interop/hf.py). Needs `pip install -e .[hf]`.
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfine.checkpoint import CheckpointError, extract_state_dict, read_checkpoint  # noqa: E402
-from dfine.config import ConfigError, load_config, resolve_references, validate_config  # noqa: E402
-
-logger = logging.getLogger("convert")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    direction = parser.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--to-hf", action="store_true", help="our checkpoint (-r) -> transformers folder (-o)")
-    direction.add_argument("--from-hf", metavar="HF_DIR", help="transformers folder -> our checkpoint (-o)")
-    parser.add_argument("-c", "--config", help="YAML config (--to-hf: the model's; --from-hf: training settings)")
-    parser.add_argument("-r", "--resume", help="--to-hf: checkpoint to convert (EMA weights preferred)")
-    parser.add_argument("-o", "--output", required=True, help="output folder (--to-hf) or .pth file (--from-hf)")
-    parser.add_argument("--no-verify", action="store_true", help="--to-hf: skip loading the result back with transformers")
-    return parser.parse_args(argv)
-
-
-def to_hf(args: argparse.Namespace) -> None:
-    from dfine.interop.hf import convert_to_hf
-
-    if not args.resume:
-        raise ConfigError("--to-hf needs the checkpoint to convert (-r)")
-    checkpoint = read_checkpoint(args.resume)
-    state, where = extract_state_dict(checkpoint, args.resume)
-    if args.config:
-        cfg = load_config(args.config)
-    elif isinstance(checkpoint.get("config"), dict):
-        cfg = resolve_references(checkpoint["config"])
-        validate_config(cfg)
-    else:
-        raise ConfigError(f"{args.resume} stores no config (a reference release?); pass the matching one with -c")
-    out = convert_to_hf(cfg, state, args.output, classes=checkpoint.get("classes"), verify=not args.no_verify)
-    logger.info("converted %s [%s] -> %s", args.resume, where, out)
-
-
-def from_hf(args: argparse.Namespace) -> None:
-    from dfine.engine.checkpointing import atomic_save
-    from dfine.interop.hf import convert_from_hf
-
-    checkpoint = convert_from_hf(args.from_hf, base_config=args.config, configs_dir=ROOT / "configs")
-    atomic_save(checkpoint, args.output)
-    logger.info("converted %s -> %s (evaluate with: python tools/eval.py -r %s)", args.from_hf, args.output, args.output)
-
-
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    from dfine.interop.hf import ConversionError
-
-    try:
-        to_hf(args) if args.to_hf else from_hf(args)
-    except ImportError as err:
-        print(f"error: {err}; install the Hugging Face extra: pip install -e .[hf]", file=sys.stderr)
-        return 2
-    except (ConversionError, ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+from dfine.cli.convert import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

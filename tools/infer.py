@@ -1,57 +1,14 @@
 """Detect objects in an image, a folder of images or a video, with a checkpoint or an exported ONNX file.
 
-    python tools/infer.py -r output/dfine_n_demo/best.pth --input photo.jpg
-    python tools/infer.py -r best.pth --input images/ --batch-size 8 --threshold 0.5 --output runs/infer
-    python tools/infer.py -r dfine_n.onnx -c best.pth --input clip.mp4   # -c (checkpoint or YAML): class names
+Launcher for dfine/cli/infer.py (also installed as the `dfine` command), kept so that `python tools/infer.py` and
+`torchrun tools/infer.py` work from a source checkout."""
 
-Writes annotated copies (``<name>_det.jpg``, or ``<name>_det.mp4`` for a video) and ``results.json``: COCO result
-records (``image_id``, ``category_id``, ``bbox`` [x, y, w, h] pixels, ``score``) of the detections above the
-threshold; image ids count the input files in sorted order, or the frames of a video from 0.
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfine.checkpoint import CheckpointError  # noqa: E402
-from dfine.config import ConfigError  # noqa: E402
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-r", "--resume", required=True, help="checkpoint (.pth) or exported model (.onnx)")
-    parser.add_argument("-c", "--config", help="YAML config (default: the one stored in the checkpoint); with an "
-                        ".onnx file, the checkpoint or config that names its classes")
-    parser.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("-i", "--input", required=True, help="image file, folder of images, or video file")
-    parser.add_argument("-o", "--output", default="output/infer", help="folder for annotated files and results.json")
-    parser.add_argument("-t", "--threshold", type=float, default=0.4, help="lowest score drawn and written")
-    parser.add_argument("-b", "--batch-size", type=int, default=1)
-    parser.add_argument("-d", "--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: eval_spatial_size)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from dfine.deploy import Predictor
-    from dfine.deploy.media import run_inference
-
-    try:
-        predictor = Predictor.from_file(args.resume, args.config, args.update, device=args.device, image_size=args.size)
-        path = run_inference(predictor, args.input, args.output, args.threshold, args.batch_size)
-    except (ConfigError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"results written to {path} ({predictor.kind}, input {predictor.image_size[1]}x{predictor.image_size[0]})")
-    return 0
-
+from dfine.cli.infer import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,2 @@
+"""The command-line programs, one module each with a ``main(argv) -> exit code``: train, eval, infer, export_onnx,
+benchmark, convert, check_dataset. ``tools/*.py`` are thin launchers for them."""

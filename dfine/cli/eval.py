@@ -1,0 +1,67 @@
+"""Evaluate a checkpoint on its validation set: the 12 COCO numbers, a per-class AP table and a metrics JSON.
+
+    python tools/eval.py -r output/dfine_n_demo/best.pth                 # config read from the checkpoint
+    python tools/eval.py -r dfine_n_coco.pth -c configs/dfine_n_coco.yml  # reference releases carry no config
+    torchrun --nproc_per_node=4 tools/eval.py -r best.pth -u val_dataloader.total_batch_size=64
+
+EMA weights are evaluated when the checkpoint has them. Results go to the log and to
+``<output_dir>/eval_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dfine.checkpoint import CheckpointError, read_checkpoint
+from dfine.config import ConfigError, apply_override, load_config, resolve_references, validate_config
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-r", "--resume", required=True, help="checkpoint to evaluate")
+    parser.add_argument("-c", "--config", help="YAML config (default: the config stored in the checkpoint)")
+    parser.add_argument("-d", "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--output-dir", help="where eval.log and eval_metrics.json go (default: the checkpoint's folder)")
+    parser.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def config_for(args: argparse.Namespace) -> dict:
+    overrides = list(args.update)
+    if args.device:
+        overrides.append(f"device={args.device}")
+    overrides.append(f"output_dir={args.output_dir or Path(args.resume).resolve().parent}")
+    if args.config:
+        return load_config(args.config, overrides)
+    checkpoint = read_checkpoint(args.resume)
+    cfg = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{args.resume} stores no config (a reference release?); pass the matching one with -c")
+    for item in overrides:
+        apply_override(cfg, item)
+    cfg = resolve_references(cfg)
+    validate_config(cfg)
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config_for(args)
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from dfine.engine.trainer import run
+    from dfine.errors import USER_ERRORS
+
+    try:
+        return run(cfg, resume=args.resume, test_only=True)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
