@@ -14,11 +14,15 @@ import torch
 from dfine.models.denoising import DenoisingGroup, contrastive_denoising_group
 from dfine.models.dfine_decoder import DFINETransformer
 from dfine.registry import BACKBONES, ENCODERS
+from helpers import align_queries, assert_close_by_anchor, assert_same_noised_boxes
 
 N_DECODER = dict(
     num_classes=80, hidden_dim=128, feat_channels=[128, 128], feat_strides=[16, 32], num_levels=2, num_layers=3,
     dim_feedforward=512, num_points=[6, 6], reg_max=32, reg_scale=4,
 )
+# Bounds against the reference: its own 1-vs-2-thread spread is 3e-4 in logits and 6e-6 in boxes
+# (../shared/reference/README.md). Ours at 640 on an AMD EPYC: 1.4e-5 / 3.6e-7 with 1 thread, 4.2e-5 / 1.5e-6 with
+# 2; on images nudged by one ulp 2.9e-4 / 8.8e-6, still under half of each bound (tests/test_tolerance_headroom.py).
 LOGITS_TOL, BOXES_TOL = 1e-3, 1e-4
 
 needs_full_model = pytest.mark.skipif(
@@ -35,20 +39,10 @@ def reference_weights(reference_dir) -> dict:
     return load_ref(reference_dir, "dfine_n_perturbed.pth")["ema"]["module"]
 
 
-def align(ours: torch.Tensor, our_ind: torch.Tensor, ref_ind: torch.Tensor) -> torch.Tensor:
-    """Rows of the reference order: row j of the result is our query built from anchor ref_ind[b, j]."""
-    rows = []
-    for b in range(ours.shape[0]):
-        assert set(our_ind[b].tolist()) == set(ref_ind[b].tolist()), "different anchors selected"
-        where = {anchor: q for q, anchor in enumerate(our_ind[b].tolist())}
-        rows.append(ours[b, [where[a] for a in ref_ind[b].tolist()]])
-    return torch.stack(rows)
-
-
 def assert_eval_parity(out: dict, ref: dict, prefix: str = "") -> None:
     ind = ref[f"{prefix}enc_topk_ind"]
-    logits = align(out["pred_logits"], out["enc_topk_ind"], ind)
-    boxes = align(out["pred_boxes"], out["enc_topk_ind"], ind)
+    logits = align_queries(out["pred_logits"], out["enc_topk_ind"], ind)
+    boxes = align_queries(out["pred_boxes"], out["enc_topk_ind"], ind)
     torch.testing.assert_close(logits, ref[f"{prefix}pred_logits"], atol=LOGITS_TOL, rtol=0)
     torch.testing.assert_close(boxes, ref[f"{prefix}pred_boxes"], atol=BOXES_TOL, rtol=0)
 
@@ -77,9 +71,11 @@ def test_denoising_group_reproduces_reference(reference_dir):
     targets = load_ref(reference_dir, "inputs.pt")["targets_640"]
     torch.manual_seed(train_ref["dn_seed"])
     group = contrastive_denoising_group(targets, 80, 300, embed, **captured["kwargs"])
-    torch.testing.assert_close(group.content, captured["input_query_logits"], atol=0, rtol=0)
-    torch.testing.assert_close(group.boxes_unact, captured["input_query_bbox_unact"], atol=0, rtol=0)
-    assert torch.equal(group.attn_mask, captured["attn_mask"])
+    # Exact by construction: the labels come from comparing uniform draws (bit-identical on every CPU) with a
+    # threshold, and the content queries are rows of the same embedding picked by those labels.
+    assert torch.equal(group.content, captured["input_query_logits"])
+    assert torch.equal(group.attn_mask, captured["attn_mask"])  # built from integer counts
+    assert_same_noised_boxes(group.boxes_unact, captured["input_query_bbox_unact"])
     assert group.meta["dn_num_group"] == captured["dn_meta"]["dn_num_group"]
     assert group.meta["dn_num_split"] == captured["dn_meta"]["dn_num_split"]
     for ours, theirs in zip(group.meta["dn_positive_idx"], captured["dn_meta"]["dn_positive_idx"]):
@@ -192,9 +188,10 @@ def test_deploy_parity_640(reference_dir):
     same = labels == expected["labels"]
     assert same.float().mean() > 0.95
     torch.testing.assert_close(boxes[same], expected["boxes"][same], atol=1e-2, rtol=0)  # pixels
-    # Deploy and plain models give the same detections.
-    torch.testing.assert_close(out["pred_logits"], plain_out["pred_logits"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(out["pred_boxes"], plain_out["pred_boxes"], atol=1e-5, rtol=0)
+    # Deploy and plain models give the same outputs per anchor. Fusion moves encoder scores by ~1e-7, so queries
+    # with near-equal scores may trade places (seen on an Intel Xeon: queries 230 and its neighbour swapped); the
+    # boundary gap of this input (2.4e-4) keeps the selected set itself the same.
+    assert_close_by_anchor(out, plain_out, atol={"pred_logits": 1e-4, "pred_boxes": 1e-5})
 
 
 def _compare_tree(ours, theirs, path, ours_ind, ref_ind, num_dn):
@@ -209,7 +206,7 @@ def _compare_tree(ours, theirs, path, ours_ind, ref_ind, num_dn):
     elif isinstance(theirs, torch.Tensor):
         ours = ours.detach()
         if theirs.dim() == 3 and theirs.shape[1] == ref_ind.shape[1]:
-            ours = align(ours, ours_ind, ref_ind)
+            ours = align_queries(ours, ours_ind, ref_ind)
         tol = LOGITS_TOL if theirs.shape[-1] in (80, 132) else BOXES_TOL
         torch.testing.assert_close(ours.to(theirs.dtype), theirs, atol=tol, rtol=0, msg=lambda m: f"{path}: {m}")
     else:

@@ -14,6 +14,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import dfine  # noqa: E402
 from dfine.data.coco_categories import MSCOCO_LABEL_TO_CATEGORY  # noqa: E402
+from helpers import align_queries  # noqa: E402
 from dfine.interop.hf import (  # noqa: E402
     ConversionError, convert_from_hf, convert_to_hf, state_dict_from_hf, state_dict_to_hf,
 )
@@ -82,11 +83,6 @@ def _save_random_hf(cls, hf_config, folder: Path, seed: int, size: int) -> Path:
     return folder
 
 
-def _by_anchor(tensor: torch.Tensor, anchor_index: torch.Tensor) -> torch.Tensor:
-    """Rows reordered by the encoder anchor behind each query (the decoder does not depend on query order)."""
-    return torch.stack([t[torch.argsort(i)] for t, i in zip(tensor, anchor_index)])
-
-
 def _hf_anchor_index(hf_out, num_queries: int = 300) -> torch.Tensor:
     return hf_out.enc_outputs_class.max(-1).values.topk(num_queries, dim=1).indices
 
@@ -109,10 +105,9 @@ def _check_parity(hf_model, ours, post, images: torch.Tensor) -> None:
     best = hf_out.enc_outputs_class.max(-1).values.topk(301, dim=1).values
     assert (best[:, 299] - best[:, 300]).min() > 1e-4, "test data leaves the 300th query to round-off"
     ours_index = captured["scores"].max(-1).values.topk(300, dim=1).indices
-    assert torch.equal(hf_index.sort(1).values, ours_index.sort(1).values)
-    # The decoder does not depend on query order: compare query by query, aligned by anchor.
-    torch.testing.assert_close(_by_anchor(out["pred_logits"], ours_index), _by_anchor(hf_out.logits, hf_index), atol=1e-4, rtol=0)
-    torch.testing.assert_close(_by_anchor(out["pred_boxes"], ours_index), _by_anchor(hf_out.pred_boxes, hf_index), atol=1e-4, rtol=0)
+    # The decoder does not depend on query order: compare query by query, aligned by anchor (same anchors asserted).
+    torch.testing.assert_close(align_queries(out["pred_logits"], ours_index, hf_index), hf_out.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(align_queries(out["pred_boxes"], ours_index, hf_index), hf_out.pred_boxes, atol=1e-4, rtol=0)
 
     height, width = images.shape[-2:]
     sizes_wh = torch.tensor([[width, height]] * len(images))
@@ -186,13 +181,9 @@ def test_reference_dfine_n_through_transformers_matches_reference_outputs(tmp_pa
     with torch.no_grad():
         hf_out = hf_model(pixel_values=images)
     hf_index = _hf_anchor_index(hf_out)
-    assert torch.equal(hf_index.sort(1).values, reference["enc_topk_ind"].sort(1).values)
-    torch.testing.assert_close(
-        _by_anchor(hf_out.logits, hf_index), _by_anchor(reference["pred_logits"], reference["enc_topk_ind"]), atol=1e-3, rtol=0
-    )
-    torch.testing.assert_close(
-        _by_anchor(hf_out.pred_boxes, hf_index), _by_anchor(reference["pred_boxes"], reference["enc_topk_ind"]), atol=1e-4, rtol=0
-    )
+    reference_index = reference["enc_topk_ind"]
+    torch.testing.assert_close(align_queries(hf_out.logits, hf_index, reference_index), reference["pred_logits"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(align_queries(hf_out.pred_boxes, hf_index, reference_index), reference["pred_boxes"], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family,keys_file", [("dfine", "state_dict_keys_n.json"), ("rtdetrv2", "rtdetrv2/state_dict_keys_r18.json")])

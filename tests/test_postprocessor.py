@@ -7,6 +7,7 @@ import torch
 
 from dfine.data.coco_categories import MSCOCO_LABEL_TO_CATEGORY
 from dfine.models.postprocessor import DFINEPostProcessor
+from helpers import PIXEL_BOX_TOL
 
 
 def logit(p: float) -> float:
@@ -67,5 +68,5 @@ def test_matches_reference_postprocessed(reference_dir, size):
     detections = post(outputs, ref["orig_target_sizes"])
     for det, expected in zip(detections, ref["postprocessed"]):
         assert torch.equal(det["labels"], expected["labels"])
-        torch.testing.assert_close(det["boxes"], expected["boxes"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(det["boxes"], expected["boxes"], **PIXEL_BOX_TOL)
         torch.testing.assert_close(det["scores"], expected["scores"], atol=1e-4, rtol=0)
