@@ -177,3 +177,65 @@ def test_training_batch_without_targets_still_trains_every_parameter():
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
+
+
+# -- the RT-DETRv2 variant configs (R50-M, discrete sampling, sampling points, VOC) ---------------------------
+# Each builds its parent config's model (the config it includes) with a few settings changed; its parameter count
+# must differ from the parent's by what those settings add or remove, counted by hand. The four depth configs
+# themselves are checked against the reference's counts in test_rtdetrv2_parity.py, and the decoder options run
+# forward and backward above. Models are built on the meta device: every constructor runs with the config's
+# arguments and every shape is made, without allocating or initialising weights (~7x faster on a CPU).
+VARIANTS = sorted(p.name for p in CONFIGS.glob("rtdetrv2_*.yml")
+                  if p.name not in {f"rtdetrv2_r{d}vd_coco.yml" for d in (18, 34, 50, 101)} and "_demo" not in p.name)
+VARIANT_KEYS = {"decoder.num_points", "decoder.num_classes", "decoder.cross_attn_method", "decoder.eval_idx",
+                "encoder.expansion"}
+
+
+def _parent(config: str) -> str:
+    from dfine.config import safe_load_yaml
+
+    includes = safe_load_yaml((CONFIGS / config).read_text())["__include__"]
+    return next(i for i in includes if not i.startswith("base/"))
+
+
+def _csp_parameters(in_channels: int, out_channels: int, hidden: int, blocks: int) -> int:
+    """CSPRepLayer: two 1x1 conv+BN in->hidden, `blocks` RepVGG blocks (3x3 and 1x1 conv, each with BN), and a
+    1x1 conv+BN hidden->out unless hidden == out (then the identity). BN: weight and bias per channel."""
+    two_inputs = 2 * (in_channels * hidden + 2 * hidden)
+    repvgg = blocks * (9 * hidden * hidden + hidden * hidden + 4 * hidden)
+    last = 0 if hidden == out_channels else hidden * out_channels + 2 * out_channels
+    return two_inputs + repvgg + last
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("config", VARIANTS)
+def test_variant_config_builds_its_parents_model_with_only_its_changes(config):
+    parent = _parent(config)
+    cfg, parent_cfg = dfine.load_config(CONFIGS / config), dfine.load_config(CONFIGS / parent)
+    changed = {f"{part}.{key}" for part in ("backbone", "encoder", "decoder")
+               for key in set(cfg["model"][part]) | set(parent_cfg["model"][part])
+               if cfg["model"][part].get(key) != parent_cfg["model"][part].get(key)}
+    assert changed <= VARIANT_KEYS, f"{config} changes {sorted(changed - VARIANT_KEYS)} of {parent}: count them here"
+    with torch.device("meta"):
+        model = dfine.build_model(cfg, load_pretrained=False)
+        parent_model = dfine.build_model(parent_cfg, load_pretrained=False)
+    dec, enc = cfg["model"]["decoder"], cfg["model"]["encoder"]
+    parent_dec, parent_enc = parent_cfg["model"]["decoder"], parent_cfg["model"]["encoder"]
+    hidden, heads, layers = dec["hidden_dim"], 8, dec["num_layers"]
+    expected = _count(parent_model)
+    # sampling offsets (2 per point) and attention weights (1 per point) of every head, in each decoder layer
+    expected += layers * (hidden + 1) * heads * 3 * (sum(dec["num_points"]) - sum(parent_dec["num_points"]))
+    # one row per class in the encoder's and every layer's score head, and in the denoising class embedding
+    expected += ((1 + layers) * (hidden + 1) + hidden) * (dec["num_classes"] - parent_dec["num_classes"])
+    # the 2 top-down and 2 bottom-up fusion blocks (3 RepVGG blocks at depth_mult 1) with their hidden width
+    if enc["expansion"] != parent_enc["expansion"]:
+        width = enc["hidden_dim"]
+        expected += 4 * (_csp_parameters(2 * width, width, int(width * enc["expansion"]), 3)
+                         - _csp_parameters(2 * width, width, int(width * parent_enc["expansion"]), 3))
+    assert _count(model) == expected
+    methods = {layer.cross_attn.method for layer in model.decoder.decoder.layers}
+    assert methods == {dec["cross_attn_method"]}
+    assert model.decoder.eval_idx == dec["eval_idx"] % layers   # the layer whose output is the prediction
