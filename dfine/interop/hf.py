@@ -74,14 +74,17 @@ from pathlib import Path
 import torch
 
 from dfine.checkpoint import CheckpointError
+from dfine.interop.hf_config import (
+    DFINE,
+    RTDETRV2,
+    ConversionError,
+    base_config_name,
+    family_of_hf_config,
+    hf_config_from_ours,
+    overrides_from_hf,
+)
 
 logger = logging.getLogger(__name__)
-
-DFINE, RTDETRV2 = "dfine", "rtdetrv2"
-
-
-class ConversionError(RuntimeError):
-    """A checkpoint or folder that cannot be converted; the message names the keys or settings at fault."""
 
 
 @dataclass(frozen=True)
@@ -379,8 +382,6 @@ def convert_to_hf(cfg: dict, state: dict, out_dir: str | os.PathLike, classes: d
     import transformers
     from safetensors.torch import save_file
 
-    from dfine.interop.hf_config import hf_config_from_ours
-
     family = family_of_config(cfg)
     hf_config = hf_config_from_ours(cfg, family, class_names_for(cfg, classes))
     hf_config.architectures = ["DFineForObjectDetection" if family == DFINE else "RTDetrV2ForObjectDetection"]
@@ -441,7 +442,6 @@ def convert_from_hf(hf_dir: str | os.PathLike, base_config: str | os.PathLike | 
     come from ``base_config`` (a YAML file), by default the matching size's COCO file in ``configs_dir``."""
     import dfine
     from dfine.checkpoint import load_state_dict_checked
-    from dfine.interop.hf_config import base_config_name, family_of_hf_config, overrides_from_hf
 
     hf_config, tensors = read_hf_folder(hf_dir)
     family = family_of_hf_config(hf_config)
