@@ -74,6 +74,7 @@ from pathlib import Path
 import torch
 
 from dfine.checkpoint import CheckpointError
+from dfine.data.classes import LabelMap
 from dfine.interop.hf_config import (
     DFINE,
     RTDETRV2,
@@ -361,11 +362,8 @@ def _normalise_hf_names(hf_state: dict) -> dict:
 def class_names_for(cfg: dict, classes: dict | None) -> list[str]:
     """One name per label: the checkpoint's ``classes`` names, COCO's for COCO-remapped models, else LABEL_i."""
     num_classes = int(cfg["model"]["decoder"]["num_classes"])
-    names = list((classes or {}).get("names") or [])
-    if not names and cfg.get("remap_mscoco_category") and num_classes == 80:
-        from dfine.data.coco_categories import COCO_CLASS_NAMES
-
-        names = list(COCO_CLASS_NAMES)
+    known = LabelMap.from_checkpoint(classes, cfg)  # stored names, else COCO's for a remapped model
+    names = known.names if (classes or {}).get("names") or len(known.names) == num_classes else []
     if len(names) != num_classes:
         if names:
             logger.warning("%d class names for %d classes: writing LABEL_i names instead", len(names), num_classes)
@@ -459,7 +457,7 @@ def convert_from_hf(hf_dir: str | os.PathLike, base_config: str | os.PathLike | 
         load_state_dict_checked(model, state, str(hf_dir), strict=True)
     except CheckpointError as err:
         raise ConversionError(f"{hf_dir} does not fit the model built from {base_config}: {err}") from None
-    classes = {"names": names, "label_to_category": {}, "remap_mscoco_category": coco}
+    classes = LabelMap(names, {}, coco).to_checkpoint()
     return {"model": model.state_dict(), "config": cfg, "classes": classes, "source": f"transformers:{hf_dir}"}
 
 
