@@ -8,6 +8,22 @@ Public API (stable)::
     criterion = dfine.build_criterion(cfg)
     post = dfine.build_postprocessor(cfg)
     loader = dfine.build_dataloader(cfg, "train")
+
+Module map (arrows point down the list: a package imports only from those below it; components.py, which
+fills the registries, and errors.py, which gathers the error types, reach up by design):
+    cli/         command-line programs (train, eval, infer, export_onnx, benchmark, convert, check_dataset)
+    engine/      training and evaluation jobs: trainer, loop, checkpoints, EMA, optimizers, reporting
+    deploy/      loading a detector for use, ONNX export and parity, inference on images and videos
+    interop/     conversion to and from Hugging Face transformers
+    evaluation/  COCO metrics and visual reports
+    builders.py  config -> model, criterion, postprocessor, data loader (the only readers of a config)
+    losses/      matcher and criterion (pure loss functions in functional.py)
+    models/      detector, backbones, encoder, decoders, query selection, denoising, postprocessor
+    data/        datasets, transforms, batching, label semantics (classes.py), dataset checks
+    layers/      building blocks shared by the models
+    ops/         box conversions and overlaps
+    utils/       helpers with no dfine dependency: distributed queries, drawing
+    config.py, registry.py, components.py, checkpoint.py, errors.py: configs, registries, weights, errors
 """
 
 from dfine.builders import build_criterion, build_dataloader, build_model, build_postprocessor

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dfine.checkpoint import CheckpointError
 from dfine.data.coco import DatasetError
 from dfine.engine.loop import NonFiniteLossError
-from dfine.models.backbones.hgnetv2 import PretrainedWeightsError
+from dfine.models.backbones.common import PretrainedWeightsError
 from dfine.registry import ConfigError
 
 USER_ERRORS: tuple[type[Exception], ...] = (

@@ -186,6 +186,8 @@ class RandomIoUCrop:
                 if not inside.any():
                     continue
                 chosen = boxes[inside]
+                # not dfine.ops.boxes.box_iou: the pipeline holds numpy boxes here, and a tensor round trip on
+                # each of up to 40 attempts would cost more than these five lines
                 inter_w = np.clip(np.minimum(chosen[:, 2], right) - np.maximum(chosen[:, 0], left), 0, None)
                 inter_h = np.clip(np.minimum(chosen[:, 3], bottom) - np.maximum(chosen[:, 1], top), 0, None)
                 inter = inter_w * inter_h

@@ -10,8 +10,10 @@ import torch
 from tqdm import tqdm
 
 import dfine
+from dfine.data.classes import LabelMap
 from dfine.deploy.export import compare_detections
 from dfine.evaluation import evaluate_records, load_coco_gt
+from dfine.ops.boxes import box_xyxy_to_xywh
 
 logger = logging.getLogger(__name__)
 
@@ -35,22 +37,18 @@ class APComparison:
         )
 
 
-def _label_to_category(cfg: dict, dataset) -> dict[int, int]:
+def _label_map(cfg: dict, dataset) -> LabelMap:
     """Deploy outputs carry labels 0..C-1; the ground truth is in category ids."""
-    if cfg.get("remap_mscoco_category"):
-        from dfine.data.coco_categories import MSCOCO_LABEL_TO_CATEGORY
-
-        return dict(MSCOCO_LABEL_TO_CATEGORY)
-    return {int(k): int(v) for k, v in (getattr(dataset, "label_to_category", None) or {}).items()}
+    return LabelMap.coco() if cfg.get("remap_mscoco_category") else LabelMap.from_dataset(dataset)
 
 
-def _records(image_ids, outputs, mapping) -> list[dict]:
+def _records(image_ids, outputs, label_map: LabelMap) -> list[dict]:
     labels, boxes, scores = (torch.as_tensor(x) for x in outputs)
     records = []
     for b, image_id in enumerate(image_ids):
-        xywh = torch.cat([boxes[b, :, :2], boxes[b, :, 2:] - boxes[b, :, :2]], dim=1).tolist()
+        xywh = box_xyxy_to_xywh(boxes[b]).tolist()
         for label, box, score in zip(labels[b].tolist(), xywh, scores[b].tolist()):
-            records.append({"image_id": image_id, "category_id": mapping.get(label, label), "bbox": box, "score": score})
+            records.append({"image_id": image_id, "category_id": label_map.category_id(label), "bbox": box, "score": score})
     return records
 
 
@@ -62,7 +60,7 @@ def compare_ap(cfg: dict, deploy_model, onnx_detector, max_images: int | None = 
     if getattr(dataset, "ann_file", None) is None:
         raise ValueError(f"the validation dataset {type(dataset).__name__} has no COCO annotation file to evaluate against")
     gt = load_coco_gt(dataset.ann_file)
-    mapping = _label_to_category(cfg, dataset)
+    label_map = _label_map(cfg, dataset)
     torch_records, onnx_records, seen = [], [], []
     max_score, max_box = 0.0, 0.0
     with torch.no_grad():
@@ -78,8 +76,8 @@ def compare_ap(cfg: dict, deploy_model, onnx_detector, max_images: int | None = 
             theirs = onnx_detector(images, sizes)
             parity = compare_detections(ours, theirs)
             max_score, max_box = max(max_score, parity.score_diff), max(max_box, parity.box_diff)
-            torch_records += _records(ids, ours, mapping)
-            onnx_records += _records(ids, theirs, mapping)
+            torch_records += _records(ids, ours, label_map)
+            onnx_records += _records(ids, theirs, label_map)
             seen += ids
             progress.update()
             if max_images and len(seen) >= max_images:

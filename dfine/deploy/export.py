@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from dfine.data.classes import LabelMap
+
 logger = logging.getLogger(__name__)
 
 INPUT_NAMES = ("images", "orig_target_sizes")
@@ -108,10 +110,7 @@ def export_onnx(
         onnx_model = simplified
     if classes:
         entry = onnx_model.metadata_props.add()
-        entry.key, entry.value = CLASSES_METADATA_KEY, json.dumps(
-            {"names": list(classes.get("names") or []),
-             "label_to_category": {str(k): int(v) for k, v in (classes.get("label_to_category") or {}).items()}}
-        )
+        entry.key, entry.value = CLASSES_METADATA_KEY, json.dumps(LabelMap.from_metadata(classes).to_metadata())
     if simplify or classes:
         onnx.save(onnx_model, str(path))
     logger.info("exported %s (opset %d, %s batch, %dx%d)", path, opset, "dynamic" if dynamic_batch else f"fixed {batch}", height, width)
@@ -230,7 +229,7 @@ def parity_images(image_size: tuple[int, int], count: int = 2, files=(), seed: i
     """Images to compare PyTorch and onnxruntime on: the given image files (resized like inference) or, when
     there are none, seeded smooth random images (smooth so that the features, unlike on white noise, vary).
     Returns images [B, 3, H, W] in [0, 1] and orig_target_sizes [B, 2] (w, h)."""
-    from dfine.deploy.predict import load_image, preprocess
+    from dfine.deploy.images import load_image, preprocess
 
     height, width = image_size
     if files:

@@ -6,50 +6,25 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass, field
 
 import torch.nn as nn
 
 import dfine
 from dfine.checkpoint import CheckpointError, read_checkpoint
 from dfine.config import ConfigError, apply_override, resolve_references, validate_config
+from dfine.data.classes import LabelMap
 
 logger = logging.getLogger(__name__)
 
 SAMPLING_METHODS = ("default", "discrete")
 
 
-@dataclass
-class ClassInfo:
-    """What a label means. ``names[label]`` is the class name (may be empty); ``category_ids[label]`` the id
-    written into COCO result files (COCO's sparse ids when ``remap_mscoco_category``, the dataset's own ids
-    when the checkpoint stored them, else the label itself)."""
-
-    names: list[str] = field(default_factory=list)
-    category_ids: dict[int, int] = field(default_factory=dict)
-
-    def name(self, label: int) -> str:
-        if 0 <= label < len(self.names) and self.names[label]:
-            return self.names[label]
-        return str(label)
-
-    def category_id(self, label: int) -> int:
-        return int(self.category_ids.get(int(label), int(label)))
+ClassInfo = LabelMap  # the former name of dfine.data.classes.LabelMap, kept for callers of dfine.deploy
 
 
-def class_info(cfg: dict, checkpoint: dict | None) -> ClassInfo:
-    """Class names and label -> category id map, from the checkpoint's ``classes`` entry (written by our
-    trainer) or, for COCO-remapped models, from the COCO table."""
-    from dfine.data.coco_categories import COCO_CLASS_NAMES, MSCOCO_LABEL_TO_CATEGORY
-
-    stored = checkpoint.get("classes") if isinstance(checkpoint, dict) else None
-    stored = stored if isinstance(stored, dict) else {}
-    names = list(stored.get("names") or [])
-    mapping = {int(k): int(v) for k, v in (stored.get("label_to_category") or {}).items()}
-    if cfg.get("remap_mscoco_category") or stored.get("remap_mscoco_category"):
-        names = names or list(COCO_CLASS_NAMES)
-        mapping = dict(MSCOCO_LABEL_TO_CATEGORY)
-    return ClassInfo(names=names, category_ids=mapping)
+def class_info(cfg: dict, checkpoint: dict | None) -> LabelMap:
+    """What the labels of a model built from ``cfg`` and ``checkpoint`` mean (see ``LabelMap.from_checkpoint``)."""
+    return LabelMap.from_checkpoint(checkpoint.get("classes") if isinstance(checkpoint, dict) else None, cfg)
 
 
 def resolve_config(checkpoint_path: str | os.PathLike | None, config_path: str | None, overrides=()) -> tuple[dict, dict | None]:
@@ -88,7 +63,7 @@ def load_detector(
     overrides=(),
     sampling: str | None = None,
     deploy: bool = False,
-) -> tuple[nn.Module, nn.Module, dict, ClassInfo]:
+) -> tuple[nn.Module, nn.Module, dict, LabelMap]:
     """(model, postprocessor, config, class info), in eval mode, on the CPU.
 
     With ``deploy`` both are converted for export: the model fuses and prunes itself (``model.deploy()``) and

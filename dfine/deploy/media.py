@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dfine.deploy.loading import ClassInfo
-from dfine.deploy.predict import Predictor, coco_records, load_image, write_json
+from dfine.data.classes import LabelMap
+from dfine.deploy.images import load_image
+from dfine.deploy.predict import Predictor, coco_records, write_json
+from dfine.utils.drawing import class_colour, draw_boxes  # noqa: F401 (class_colour: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -19,34 +21,17 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 
 
-def class_colour(label: int) -> tuple[int, int, int]:
-    """A fixed, well-separated RGB colour per class (golden-ratio hue steps)."""
-    import colorsys
-
-    r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.85, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def draw_detections(image_rgb: np.ndarray, detections: dict, classes: ClassInfo, threshold: float) -> np.ndarray:
+def draw_detections(image_rgb: np.ndarray, detections: dict, classes: LabelMap, threshold: float) -> np.ndarray:
     """A copy of ``image_rgb`` [H, W, 3] uint8 with every detection scoring at least ``threshold`` drawn as a
     box labelled ``name score``."""
-    import cv2
-
     canvas = np.ascontiguousarray(image_rgb.copy())
-    thickness = max(1, round(min(canvas.shape[:2]) / 320))
-    for label, box, score in zip(detections["labels"], detections["boxes"], detections["scores"]):
-        if score < threshold:
-            continue
-        colour = class_colour(int(label))
-        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
-        text = f"{classes.name(int(label))} {float(score):.2f}"
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, thickness)
-        top = max(0, y1 - th - base - 2)
-        left = max(0, min(x1, canvas.shape[1] - tw - 2))  # keep the label inside the image at the right edge
-        cv2.rectangle(canvas, (left, top), (left + tw + 2, top + th + base + 2), colour, -1)
-        cv2.putText(canvas, text, (left + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, (0, 0, 0), thickness)
-    return canvas
+    keep = [i for i, score in enumerate(detections["scores"]) if score >= threshold]
+    labels = [int(detections["labels"][i]) for i in keep]
+    return draw_boxes(
+        canvas, [detections["boxes"][i] for i in keep], [class_colour(label) for label in labels],
+        [f"{classes.name(label)} {float(detections['scores'][i]):.2f}" for label, i in zip(labels, keep)],
+        thickness=max(1, round(min(canvas.shape[:2]) / 320)), font_scale=0.4 * max(1, round(min(canvas.shape[:2]) / 320)),
+    )
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -1,48 +1,26 @@
 """Detections for raw images, from a PyTorch checkpoint or an exported ONNX file, behind one interface.
 
-Preprocessing is the validation pipeline's: RGB, resized to the model's input size (area averaging when
-shrinking, bilinear when enlarging, as ``dfine.data.transforms.Resize``), divided by 255; boxes come back
-in pixels of the original image.
+Preprocessing is the validation pipeline's (dfine/deploy/images.py); boxes come back in pixels of the original
+image.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dfine.deploy.export import DeployModel, OnnxDetector
 import dfine
-from dfine.deploy.loading import ClassInfo, class_info, load_detector, resolve_config
+from dfine.data.classes import LabelMap
+from dfine.deploy.export import DeployModel, OnnxDetector
+from dfine.deploy.images import load_image, preprocess  # noqa: F401 (load_image: re-exported)
+from dfine.deploy.loading import class_info, load_detector, resolve_config
+from dfine.ops.boxes import box_xyxy_to_xywh
 
 logger = logging.getLogger(__name__)
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """[H, W, 3] uint8 RGB; a clear error for unreadable files."""
-    import cv2
-
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"cannot read image {path} (missing, or not an image format OpenCV reads)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def preprocess(image_rgb: np.ndarray, image_size: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
-    """[H, W, 3] uint8 RGB -> (model input [3, h, w] float in [0, 1], original size (W, H))."""
-    import cv2
-
-    height, width = image_rgb.shape[:2]
-    new_h, new_w = image_size
-    if (new_h, new_w) != (height, width):
-        shrink = new_h * new_w < height * width
-        image_rgb = cv2.resize(image_rgb, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    tensor = torch.from_numpy(np.ascontiguousarray(image_rgb.transpose(2, 0, 1))).float().div_(255.0)
-    return tensor, (width, height)
 
 
 class Predictor:
@@ -53,7 +31,7 @@ class Predictor:
     labels are 0..C-1 and they can be compared one to one.
     """
 
-    def __init__(self, run, image_size: tuple[int, int], classes: ClassInfo, device: torch.device, kind: str):
+    def __init__(self, run, image_size: tuple[int, int], classes: LabelMap, device: torch.device, kind: str):
         self._run = run
         self.image_size = image_size
         self.classes = classes
@@ -70,11 +48,7 @@ class Predictor:
                 raise ValueError(f"{path} has a dynamic image size: give the input size (--size H W)")
             # files from tools/export_onnx.py carry their class names and category ids; a checkpoint or a config
             # given with -c takes precedence (and serves files exported without them)
-            stored = detector.classes or {}
-            classes = ClassInfo(
-                names=list(stored.get("names") or []),
-                category_ids={int(k): int(v) for k, v in (stored.get("label_to_category") or {}).items()},
-            )
+            classes = LabelMap.from_metadata(detector.classes)
             if config_path and str(config_path).endswith((".pth", ".pt")):
                 classes = class_info(*resolve_config(config_path, None, overrides))
             elif config_path:
@@ -104,14 +78,15 @@ class Predictor:
         return self(images, sizes)
 
 
-def coco_records(detections: dict, image_id: int, classes: ClassInfo, threshold: float = 0.0, file_name: str | None = None) -> list[dict]:
+def coco_records(detections: dict, image_id: int, classes: LabelMap, threshold: float = 0.0, file_name: str | None = None) -> list[dict]:
     """One image's detections above ``threshold`` as COCO result records (bbox xywh, category ids)."""
     records = []
-    for label, box, score in zip(detections["labels"], detections["boxes"], detections["scores"]):
+    # float64, as Python floats: the widths are those of the float32 corners subtracted without rounding
+    xywh = box_xyxy_to_xywh(torch.as_tensor(np.asarray(detections["boxes"]), dtype=torch.float64).reshape(-1, 4)).tolist()
+    for label, box, score in zip(detections["labels"], xywh, detections["scores"]):
         if score < threshold:
             continue
-        x1, y1, x2, y2 = (float(v) for v in box)
-        record = {"image_id": int(image_id), "category_id": classes.category_id(int(label)), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
+        record = {"image_id": int(image_id), "category_id": classes.category_id(int(label)), "bbox": box, "score": float(score)}
         if file_name is not None:
             record["file_name"] = file_name
         records.append(record)

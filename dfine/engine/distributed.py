@@ -13,23 +13,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+# the process-group queries live below both engine/ and evaluation/; re-exported for the engine's callers
+from dfine.utils.distributed import (  # noqa: F401
+    all_gather_objects,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    is_main_process,
+)
+
 logger = logging.getLogger(__name__)
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -79,23 +73,6 @@ def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False, fi
         logger.warning("sync_bn is ignored on %s (SyncBatchNorm needs CUDA); each rank normalises its own batch", device)
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
-
-
-def all_gather_objects(obj) -> list:
-    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` when not distributed."""
-    if not is_distributed():
-        return [obj]
-    gathered = [None] * get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def broadcast_object(obj, src: int = 0):
-    if not is_distributed():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from dfine.data.classes import LabelMap
 from dfine.evaluation import STAT_NAMES, EvalResult, load_coco_gt
 
 logger = logging.getLogger(__name__)
@@ -26,25 +27,18 @@ def dataset_gt_and_labels(dataset, postprocessor) -> tuple[dict, dict | None, di
         gt = load_coco_gt(dataset.coco)
     else:
         raise TypeError(f"{type(dataset).__name__} exposes neither `ann_file` nor `coco`: cannot evaluate it with COCO metrics")
-    remaps_itself = bool(getattr(postprocessor, "remap_mscoco_category", False))
-    dataset_map = {int(k): int(v) for k, v in (getattr(dataset, "label_to_category", None) or {}).items()}
-    label_to_category = None if remaps_itself or not dataset_map else dataset_map
-    classes = {
-        "names": list(getattr(dataset, "class_names", []) or []),
-        "label_to_category": dataset_map,
-        "remap_mscoco_category": remaps_itself,
-    }
-    return gt, label_to_category, classes
+    labels = LabelMap.from_dataset(dataset, bool(getattr(postprocessor, "remap_mscoco_category", False)))
+    mapping = None if labels.remap_mscoco_category or not labels.label_to_category else labels.label_to_category
+    return gt, mapping, labels.to_checkpoint()
 
 
 def checkpoint_label_map(checkpoint_classes, dataset_map: dict | None, source: str) -> dict | None:
     """The label -> category id map a checkpoint was trained with (its ``"classes"`` entry), which wins over the
     dataset's own when they differ (a warning says so). ``dataset_map`` is returned when the checkpoint has none."""
-    if not isinstance(checkpoint_classes, dict) or not checkpoint_classes.get("label_to_category"):
+    trained = LabelMap.from_checkpoint(checkpoint_classes)
+    if trained.remap_mscoco_category or not trained.label_to_category:
         return dataset_map
-    if checkpoint_classes.get("remap_mscoco_category"):
-        return dataset_map
-    stored = {int(k): int(v) for k, v in checkpoint_classes["label_to_category"].items()}
+    stored = trained.label_to_category
     if dataset_map is not None and stored != dataset_map:
         logger.warning(
             "%s was trained with label -> category map %s but the validation dataset maps %s; using the "

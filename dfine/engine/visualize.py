@@ -7,6 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dfine.data.classes import LabelMap
+from dfine.ops.boxes import box_cxcywh_to_xyxy
+from dfine.utils.drawing import draw_boxes
+
 
 @torch.no_grad()
 def draw_validation_detections(model, postprocessor, dataset, device, path: Path, num_images: int = 4, threshold: float = 0.4) -> Path:
@@ -15,10 +19,7 @@ def draw_validation_detections(model, postprocessor, dataset, device, path: Path
     import cv2
 
     model.eval()
-    names = list(getattr(dataset, "class_names", []) or [])
-    label_to_category = getattr(dataset, "label_to_category", {}) or {}
-    category_to_label = {c: l for l, c in label_to_category.items()}
-    remaps = bool(getattr(postprocessor, "remap_mscoco_category", False))
+    classes = LabelMap.from_dataset(dataset, bool(getattr(postprocessor, "remap_mscoco_category", False)))
     tiles = []
     for index in range(min(num_images, len(dataset))):
         item = dataset[index]
@@ -27,16 +28,15 @@ def draw_validation_detections(model, postprocessor, dataset, device, path: Path
         outputs = model(image.unsqueeze(0).to(device))
         det = postprocessor(outputs, torch.tensor([[width, height]], device=device))[0]
         canvas = np.ascontiguousarray((image.permute(1, 2, 0).cpu().numpy() * 255).clip(0, 255).astype(np.uint8))
-        for cx, cy, w, h in target["boxes"].tolist():
-            x1, y1, x2, y2 = (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height
-            cv2.rectangle(canvas, (int(x1), int(y1)), (int(x2), int(y2)), (255, 255, 255), 1)
+        scale = torch.tensor([width, height, width, height], dtype=target["boxes"].dtype)
+        draw_boxes(canvas, (box_cxcywh_to_xyxy(target["boxes"]) * scale).tolist(), (255, 255, 255))
         keep = det["scores"] > threshold
-        for box, label, score in zip(det["boxes"][keep].tolist(), det["labels"][keep].tolist(), det["scores"][keep].tolist()):
-            label = category_to_label.get(int(label), int(label)) if remaps else int(label)
-            name = names[label] if 0 <= label < len(names) and names[label] else str(label)
-            x1, y1, x2, y2 = (int(v) for v in box)
-            cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 200, 0), 2)
-            cv2.putText(canvas, f"{name} {score:.2f}", (x1, max(10, y1 - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 0), 1)
+        texts = []
+        for label, score in zip(det["labels"][keep].tolist(), det["scores"][keep].tolist()):
+            # a remapping postprocessor has already turned labels into COCO ids: name them through their label
+            label = classes.label_of_category(label) if classes.remap_mscoco_category else label
+            texts.append(f"{classes.name(label)} {score:.2f}")
+        draw_boxes(canvas, det["boxes"][keep].tolist(), (0, 200, 0), texts, thickness=2)
         tiles.append(canvas)
     if not tiles:
         raise ValueError("the validation dataset is empty")

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dfine.engine.distributed import all_gather_objects
+from dfine.ops.boxes import box_xyxy_to_xywh
+from dfine.utils.distributed import all_gather_objects
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def detections_to_coco(predictions: dict[int, dict]) -> list[dict]:
         boxes = torch.as_tensor(det["boxes"]).detach().float().cpu()
         if boxes.numel() == 0:
             continue
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        xywh = box_xyxy_to_xywh(boxes).tolist()
         scores = torch.as_tensor(det["scores"]).detach().float().cpu().tolist()
         labels = torch.as_tensor(det["labels"]).detach().cpu().tolist()
         for box, score, label in zip(xywh, scores, labels):

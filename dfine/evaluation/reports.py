@@ -70,7 +70,10 @@ def pr_curves(precision: np.ndarray, rec_thrs, iou_thrs, cat_ids, iou: float | N
 
 
 def _iou_matrix(dets: np.ndarray, gts: np.ndarray, crowd: np.ndarray) -> np.ndarray:
-    """IoU [D, G] of xywh boxes; against a crowd region the union is the detection's own area (as COCO)."""
+    """IoU [D, G] of xywh boxes; against a crowd region the union is the detection's own area (as COCO).
+
+    Not dfine.ops.boxes.box_iou: COCO's crowd rule changes the union, the records are xywh lists, and the
+    float64 numpy arithmetic keeps the threshold comparisons those of COCO's own matcher."""
     if len(dets) == 0 or len(gts) == 0:
         return np.zeros((len(dets), len(gts)))
     d1, d2 = dets[:, None, :2], dets[:, None, :2] + dets[:, None, 2:]
@@ -217,7 +220,7 @@ def prediction_grid(gt: dict, records: list[dict], image_root: str | os.PathLike
     (right), on the first ``num_images`` images of ``gt`` (read from ``image_root``). Returns the grid [H, W, 3]."""
     import cv2
 
-    from dfine.deploy.media import class_colour
+    from dfine.utils.drawing import class_colour, draw_boxes
 
     by_image: dict[int, list[dict]] = {}
     for r in records:
@@ -238,13 +241,11 @@ def prediction_grid(gt: dict, records: list[dict], image_root: str | os.PathLike
         for items, title in ((anns.get(info["id"], []), "ground truth"),
                              ([r for r in by_image.get(info["id"], []) if r["score"] >= score_threshold], "predicted")):
             canvas = image.copy()
-            for item in items:
-                x, y, w, h = (v * scale for v in item["bbox"])
-                colour = class_colour(cat_ids.index(item["category_id"]) if item["category_id"] in cat_ids else 0)[::-1]
-                cv2.rectangle(canvas, (round(x), round(y)), (round(x + w), round(y + h)), colour, 1)
-                text = str(names.get(item["category_id"], item["category_id"]))
-                text += f" {item['score']:.2f}" if "score" in item else ""
-                cv2.putText(canvas, text, (round(x), max(9, round(y) - 2)), cv2.FONT_HERSHEY_SIMPLEX, 0.35, colour, 1)
+            boxes = [[x * scale, y * scale, x * scale + w * scale, y * scale + h * scale] for x, y, w, h in (i["bbox"] for i in items)]
+            colours = [class_colour(cat_ids.index(i["category_id"]) if i["category_id"] in cat_ids else 0)[::-1] for i in items]
+            texts = [str(names.get(i["category_id"], i["category_id"])) + (f" {i['score']:.2f}" if "score" in i else "")
+                     for i in items]
+            draw_boxes(canvas, boxes, colours, texts, thickness=1, font_scale=0.35, filled_label=False)
             cv2.putText(canvas, title, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
             halves.append(cv2.copyMakeBorder(canvas, 0, tile - canvas.shape[0], 0, tile - canvas.shape[1] + 4, cv2.BORDER_CONSTANT))
         rows.append(np.concatenate(halves, axis=1))

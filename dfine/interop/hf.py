@@ -74,14 +74,18 @@ from pathlib import Path
 import torch
 
 from dfine.checkpoint import CheckpointError
+from dfine.data.classes import LabelMap
+from dfine.interop.hf_config import (
+    DFINE,
+    RTDETRV2,
+    ConversionError,
+    base_config_name,
+    family_of_hf_config,
+    hf_config_from_ours,
+    overrides_from_hf,
+)
 
 logger = logging.getLogger(__name__)
-
-DFINE, RTDETRV2 = "dfine", "rtdetrv2"
-
-
-class ConversionError(RuntimeError):
-    """A checkpoint or folder that cannot be converted; the message names the keys or settings at fault."""
 
 
 @dataclass(frozen=True)
@@ -358,11 +362,8 @@ def _normalise_hf_names(hf_state: dict) -> dict:
 def class_names_for(cfg: dict, classes: dict | None) -> list[str]:
     """One name per label: the checkpoint's ``classes`` names, COCO's for COCO-remapped models, else LABEL_i."""
     num_classes = int(cfg["model"]["decoder"]["num_classes"])
-    names = list((classes or {}).get("names") or [])
-    if not names and cfg.get("remap_mscoco_category") and num_classes == 80:
-        from dfine.data.coco_categories import COCO_CLASS_NAMES
-
-        names = list(COCO_CLASS_NAMES)
+    known = LabelMap.from_checkpoint(classes, cfg)  # stored names, else COCO's for a remapped model
+    names = known.names if (classes or {}).get("names") or len(known.names) == num_classes else []
     if len(names) != num_classes:
         if names:
             logger.warning("%d class names for %d classes: writing LABEL_i names instead", len(names), num_classes)
@@ -378,8 +379,6 @@ def convert_to_hf(cfg: dict, state: dict, out_dir: str | os.PathLike, classes: d
     key raises ConversionError."""
     import transformers
     from safetensors.torch import save_file
-
-    from dfine.interop.hf_config import hf_config_from_ours
 
     family = family_of_config(cfg)
     hf_config = hf_config_from_ours(cfg, family, class_names_for(cfg, classes))
@@ -441,7 +440,6 @@ def convert_from_hf(hf_dir: str | os.PathLike, base_config: str | os.PathLike | 
     come from ``base_config`` (a YAML file), by default the matching size's COCO file in ``configs_dir``."""
     import dfine
     from dfine.checkpoint import load_state_dict_checked
-    from dfine.interop.hf_config import base_config_name, family_of_hf_config, overrides_from_hf
 
     hf_config, tensors = read_hf_folder(hf_dir)
     family = family_of_hf_config(hf_config)
@@ -459,7 +457,7 @@ def convert_from_hf(hf_dir: str | os.PathLike, base_config: str | os.PathLike | 
         load_state_dict_checked(model, state, str(hf_dir), strict=True)
     except CheckpointError as err:
         raise ConversionError(f"{hf_dir} does not fit the model built from {base_config}: {err}") from None
-    classes = {"names": names, "label_to_category": {}, "remap_mscoco_category": coco}
+    classes = LabelMap(names, {}, coco).to_checkpoint()
     return {"model": model.state_dict(), "config": cfg, "classes": classes, "source": f"transformers:{hf_dir}"}
 
 

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import json
 
-from dfine.interop.hf import DFINE, RTDETRV2, ConversionError
 from dfine.models.backbones.hgnetv2 import ARCHS
 from dfine.models.backbones.presnet import BLOCKS_PER_STAGE, STAGE_WIDTHS
+
+DFINE, RTDETRV2 = "dfine", "rtdetrv2"  # the two model families transformers implements
+
+
+class ConversionError(RuntimeError):
+    """A checkpoint or folder that cannot be converted; the message names the keys or settings at fault."""
+
 
 # our section.key -> HF attribute, for settings that are copied as they are
 ENCODER_FIELDS = {

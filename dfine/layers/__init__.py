@@ -1,1 +1,7 @@
-"""Registering modules are imported here explicitly."""
+"""Building blocks shared by the models (one copy each).
+
+    conv.py                  ConvNormAct, RepVGG, CSP blocks of the hybrid encoders
+    deformable_attention.py  multi-scale deformable attention
+    mlp.py                   MLP heads
+    position_embedding.py    2D sine-cosine position embedding
+"""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from dfine.ops.boxes import box_area, box_cxcywh_to_xyxy
+from dfine.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from dfine.registry import MATCHERS
 
 Assignment = list[tuple[Tensor, Tensor]]
@@ -22,19 +22,6 @@ Assignment = list[tuple[Tensor, Tensor]]
 
 def _empty_pair() -> tuple[Tensor, Tensor]:
     return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-
-
-def _pairwise_giou_batched(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """GIoU of [..., Q, 4] and [..., N, 4] xyxy boxes -> [..., Q, N] (leading dims broadcast)."""
-    area1 = box_area(boxes1)[..., :, None]
-    area2 = box_area(boxes2)[..., None, :]
-    a, b = boxes1[..., :, None, :], boxes2[..., None, :, :]
-    inter_wh = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
-    inter = inter_wh[..., 0] * inter_wh[..., 1]
-    union = area1 + area2 - inter
-    outer_wh = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
-    enclosing = outer_wh[..., 0] * outer_wh[..., 1]
-    return inter / union - (enclosing - union) / enclosing
 
 
 @MATCHERS.register
@@ -127,7 +114,7 @@ class HungarianMatcher(nn.Module):
         else:
             class_cost = -F.softmax(logits, dim=-1).gather(3, gather_idx)
         l1_cost = (boxes[:, :, :, None, :] - tgt_boxes[None, :, None, :, :]).abs().sum(-1)
-        giou_cost = -_pairwise_giou_batched(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes)[None])
+        giou_cost = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes)[None], check=False)
         cost = self.cost_bbox * l1_cost + self.cost_class * class_cost + self.cost_giou * giou_cost
         # NaN costs (from NaN predictions) would make the solver fail; the reference sets them to 1.
         cost = torch.nan_to_num(cost, nan=1.0).float().cpu().numpy()

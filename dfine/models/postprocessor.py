@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from dfine.data.coco_categories import MSCOCO_LABEL_TO_CATEGORY
+from dfine.data.classes import LabelMap
 from dfine.ops.boxes import box_cxcywh_to_xyxy
 from dfine.registry import POSTPROCESSORS
 
@@ -34,7 +34,8 @@ class DFINEPostProcessor(nn.Module):
         remap_mscoco_category: bool = False,
     ):
         super().__init__()
-        if remap_mscoco_category and num_classes != len(MSCOCO_LABEL_TO_CATEGORY):
+        coco = LabelMap.coco()
+        if remap_mscoco_category and num_classes != len(coco.label_to_category):
             raise ValueError(
                 f"remap_mscoco_category needs the 80 COCO classes, but num_classes is {num_classes}; "
                 "set remap_mscoco_category: false for other datasets"
@@ -44,8 +45,7 @@ class DFINEPostProcessor(nn.Module):
         self.num_top_queries = num_top_queries
         self.remap_mscoco_category = remap_mscoco_category
         self.deploy_mode = False
-        table = torch.tensor([MSCOCO_LABEL_TO_CATEGORY[i] for i in range(len(MSCOCO_LABEL_TO_CATEGORY))])
-        self.register_buffer("category_ids", table, persistent=False)
+        self.register_buffer("category_ids", coco.lookup_table(), persistent=False)
 
     def extra_repr(self) -> str:
         return (

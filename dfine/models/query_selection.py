@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -47,12 +48,55 @@ def generate_anchors(
     return torch.where(valid_mask, anchors, torch.inf), valid_mask
 
 
+@dataclass
+class DecoderQueries:
+    """What a decoder's refinement layers start from (``QuerySelectionDecoder.prepare_queries``).
+
+    memory [B, L, hidden_dim] (all levels flattened), spatial_shapes [[H, W] per level]; content [B, D + Q,
+    hidden_dim] and boxes_unact [B, D + Q, 4] (logit space): the D denoising queries (none without denoising)
+    before the Q selected ones; attn_mask [D + Q, D + Q] bool (True = blocked) or None; selected: the dict of
+    ``_initial_queries``; denoising: the group used, or None.
+    """
+
+    memory: Tensor
+    spatial_shapes: list[list[int]]
+    content: Tensor
+    boxes_unact: Tensor
+    attn_mask: Tensor | None
+    selected: dict
+    denoising: DenoisingGroup | None
+
+
 class QuerySelectionDecoder(nn.Module):
     """Base of the decoder heads: settings, query selection and denoising (see the module docstring).
 
     Subclasses call ``_init_settings`` first, build their input projection and layers, then
     ``_build_query_selection`` and ``_register_eval_anchors`` (the order fixes the state-dict key order,
-    which must equal the reference's).
+    which must equal the reference's). Their ``forward`` starts with ``prepare_queries``.
+
+    Constructor arguments both decoders take (names follow the reference YAML; each subclass spells out its
+    signature, which the registry checks config keys against):
+        num_classes: classes predicted (sigmoid/focal scores, no background class).
+        hidden_dim: query and memory width.
+        num_queries: queries selected from the encoder output.
+        feat_channels, feat_strides: channels and strides of the encoder levels.
+        num_levels: levels attended; extra levels are made by stride-2 convs on the last one.
+        num_points: deformable sampling points per level (int or one per level).
+        nhead, num_layers, dim_feedforward, dropout, activation: decoder layer settings.
+        num_denoising, label_noise_ratio, box_noise_scale: contrastive denoising (0 disables it).
+        learn_query_content: learned query content instead of the selected encoder features.
+        eval_spatial_size: [H, W] whose anchors are cached for evaluation (other sizes are generated).
+        eval_idx: layer whose output is the prediction (negative counts from the end).
+        eps: anchors closer than eps to the image border are invalid.
+        aux_loss: return the per-layer, encoder and denoising outputs in training.
+        cross_attn_method: ``default`` (bilinear) or ``discrete`` sampling.
+        query_select_method: ``default`` (best class), ``agnostic`` (one objectness score) or ``one2many``.
+
+    ``forward(feats, targets=None, denoising=None)`` of both takes the encoder levels ``feats``
+    [B, feat_channels[i], H_i, W_i], in training the ``targets`` (per image ``labels`` [N] and ``boxes`` [N, 4]
+    cxcywh normalised) and optionally a prepared ``denoising`` group to use instead of drawing one (replaying a
+    recorded batch); it returns at least ``pred_logits`` [B, Q, num_classes], ``pred_boxes`` [B, Q, 4] cxcywh
+    normalised and ``enc_topk_ind`` [B, Q] (the position each query was selected from).
     """
 
     # How denoising handles a box edge pushed past its partner: D-FINE mirrors it, RT-DETRv2 does not.
@@ -213,6 +257,23 @@ class QuerySelectionDecoder(nn.Module):
             selected["enc_logits"] = self._gather(enc_logits, topk_ind)
             selected["enc_boxes"] = torch.sigmoid(boxes_unact)
         return selected
+
+    def prepare_queries(
+        self, feats: Sequence[Tensor], targets: list[dict] | None = None, denoising: DenoisingGroup | None = None
+    ) -> DecoderQueries:
+        """The opening of both decoders' forward: flatten the levels, draw the denoising group (unless one is
+        given), select the initial queries and put the denoising queries in front of them, with their mask."""
+        memory, spatial_shapes = self._flatten_features(feats)
+        if denoising is None:
+            denoising = self.make_denoising_group(targets)
+        selected = self._initial_queries(memory, spatial_shapes)
+        content, boxes_unact = selected["content"], selected["boxes_unact"]
+        attn_mask = None
+        if denoising is not None:  # possibly zero queries (no targets), still joined for the DDP graph
+            content = torch.cat([denoising.content, content], 1)
+            boxes_unact = torch.cat([denoising.boxes_unact, boxes_unact], 1)
+            attn_mask = denoising.attn_mask
+        return DecoderQueries(memory, spatial_shapes, content, boxes_unact, attn_mask, selected, denoising)
 
     def make_denoising_group(self, targets: list[dict] | None) -> DenoisingGroup | None:
         if not (self.training and self.num_denoising > 0):

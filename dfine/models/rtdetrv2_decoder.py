@@ -146,22 +146,7 @@ class TransformerDecoder(nn.Module):
 class RTDETRTransformerv2(QuerySelectionDecoder):
     """RT-DETRv2 decoder head: query selection, refinement layers, class/box heads, contrastive denoising.
 
-    Args (names follow the reference YAML):
-        num_classes: classes predicted (sigmoid/focal scores, no background class).
-        hidden_dim: query and memory width.
-        num_queries: queries selected from the encoder output.
-        feat_channels, feat_strides: channels and strides of the encoder levels.
-        num_levels: levels attended; extra levels are made by stride-2 convs on the last one.
-        num_points: deformable sampling points per level (int or one per level).
-        nhead, num_layers, dim_feedforward, dropout, activation: decoder layer settings.
-        num_denoising, label_noise_ratio, box_noise_scale: contrastive denoising (0 disables it).
-        learn_query_content: learned query content instead of the selected encoder features.
-        eval_spatial_size: [H, W] whose anchors are cached for evaluation (other sizes are generated).
-        eval_idx: layer whose output is the prediction (negative counts from the end).
-        eps: anchors closer than eps to the image border are invalid.
-        aux_loss: return the per-layer, encoder and denoising outputs in training.
-        cross_attn_method: ``default`` (bilinear) or ``discrete`` sampling.
-        query_select_method: ``default`` (best class), ``agnostic`` (one objectness score) or ``one2many``.
+    Args: exactly those of ``QuerySelectionDecoder`` (documented there, shared with D-FINE).
     """
 
     mirror_negative_sizes = False  # the reference RT-DETRv2 clamps, it does not mirror
@@ -221,31 +206,15 @@ class RTDETRTransformerv2(QuerySelectionDecoder):
     def forward(
         self, feats: Sequence[Tensor], targets: list[dict] | None = None, denoising: DenoisingGroup | None = None
     ) -> dict:
+        """Arguments and common outputs: see ``QuerySelectionDecoder``. In training with aux_loss also ``aux_outputs``
+        (the earlier layers), ``enc_aux_outputs`` (the encoder's boxes for the selected queries),
+        ``enc_meta`` and, with denoising, ``dn_aux_outputs`` (every layer) and ``dn_meta``.
         """
-        Args:
-            feats: encoder levels, [B, feat_channels[i], H_i, W_i].
-            targets: per image ``labels`` [N] and ``boxes`` [N, 4] cxcywh normalised (training only).
-            denoising: a prepared denoising group to use instead of drawing one (replaying a recorded batch).
-        Returns:
-            ``pred_logits`` [B, Q, num_classes], ``pred_boxes`` [B, Q, 4] cxcywh normalised and ``enc_topk_ind``
-            [B, Q] (the position each query was selected from). In training with aux_loss also ``aux_outputs``
-            (the earlier layers), ``enc_aux_outputs`` (the encoder's boxes for the selected queries),
-            ``enc_meta`` and, with denoising, ``dn_aux_outputs`` (every layer) and ``dn_meta``.
-        """
-        memory, spatial_shapes = self._flatten_features(feats)
-        if denoising is None:
-            denoising = self.make_denoising_group(targets)
-        selected = self._initial_queries(memory, spatial_shapes)
-        content, boxes_unact = selected["content"], selected["boxes_unact"]
-        attn_mask = None
-        if denoising is not None:  # possibly zero queries (no targets), still joined for the DDP graph
-            content = torch.cat([denoising.content, content], 1)
-            boxes_unact = torch.cat([denoising.boxes_unact, boxes_unact], 1)
-            attn_mask = denoising.attn_mask
-
+        q = self.prepare_queries(feats, targets, denoising)
+        selected, denoising = q.selected, q.denoising
         boxes, logits = self.decoder(
-            content, boxes_unact, memory, spatial_shapes, self.dec_bbox_head, self.dec_score_head,
-            self.query_pos_head, attn_mask=attn_mask,
+            q.content, q.boxes_unact, q.memory, q.spatial_shapes, self.dec_bbox_head, self.dec_score_head,
+            self.query_pos_head, attn_mask=q.attn_mask,
         )
         if denoising is not None:
             split = denoising.meta["dn_num_split"]

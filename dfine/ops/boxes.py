@@ -24,34 +24,41 @@ def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
 
 
+def box_xyxy_to_xywh(boxes: Tensor) -> Tensor:
+    """[..., 4] xyxy -> [..., 4] (x1, y1, width, height), COCO's ``bbox`` layout."""
+    return torch.cat([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], dim=-1)
+
+
 def box_area(boxes: Tensor) -> Tensor:
     """[..., 4] xyxy -> [...] areas."""
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
-    """Pairwise IoU and union of [N, 4] and [M, 4] xyxy boxes -> ([N, M], [N, M])."""
-    area1 = box_area(boxes1)
-    area2 = box_area(boxes2)
-    top_left = torch.max(boxes1[:, None, :2], boxes2[:, :2])
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
+    """Pairwise IoU and union of [..., N, 4] and [..., M, 4] xyxy boxes -> ([..., N, M], [..., N, M]); the
+    leading dimensions broadcast (one image: [N, 4] and [M, 4] -> [N, M])."""
+    area1 = box_area(boxes1)[..., :, None]
+    area2 = box_area(boxes2)[..., None, :]
+    a, b = boxes1[..., :, None, :], boxes2[..., None, :, :]
+    wh = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2 - inter
+    union = area1 + area2 - inter
     return inter / union, union
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise generalized IoU (Rezatofighi et al., 2019) of [N, 4] and [M, 4] xyxy boxes -> [N, M].
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, check: bool = True) -> Tensor:
+    """Pairwise generalized IoU (Rezatofighi et al., 2019) of [..., N, 4] and [..., M, 4] xyxy boxes ->
+    [..., N, M]; the leading dimensions broadcast.
 
-    Raises ValueError on inverted boxes, which would otherwise give inf/NaN silently.
+    With ``check``, raises ValueError on inverted boxes, which would otherwise give inf/NaN silently. The
+    matcher passes ``check=False``: its boxes come from ``box_cxcywh_to_xyxy`` (never inverted), a NaN prediction
+    must reach its NaN handling rather than fail here, and the check would cost a device synchronisation.
     """
-    if not (boxes1[:, 2:] >= boxes1[:, :2]).all() or not (boxes2[:, 2:] >= boxes2[:, :2]).all():
+    if check and (not (boxes1[..., 2:] >= boxes1[..., :2]).all() or not (boxes2[..., 2:] >= boxes2[..., :2]).all()):
         raise ValueError("generalized_box_iou needs xyxy boxes with x2 >= x1 and y2 >= y1 (got an inverted box)")
     iou, union = box_iou(boxes1, boxes2)
-    top_left = torch.min(boxes1[:, None, :2], boxes2[:, :2])
-    bottom_right = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
+    a, b = boxes1[..., :, None, :], boxes2[..., None, :, :]
+    wh = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
     enclosing = wh[..., 0] * wh[..., 1]
     return iou - (enclosing - union) / enclosing
 

@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops.misc import FrozenBatchNorm2d
 
+from dfine.models.backbones.common import PretrainedWeightsError, freeze_batchnorm
 from dfine.registry import BACKBONES
 
 logger = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ ARCHS: dict[str, dict] = {
         (512, 384, 1024, 6, True, True, 5, 6), (1024, 768, 2048, 3, True, True, 5, 6)]},
 }
 STAGE_STRIDES = (4, 8, 16, 32)
-
-
-class PretrainedWeightsError(RuntimeError):
-    """The pretrained backbone weights could not be found, downloaded or loaded."""
 
 
 class LearnableAffineBlock(nn.Module):
@@ -169,19 +165,6 @@ class HGStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.blocks(self.downsample(x))
-
-
-def freeze_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d below ``module`` by a FrozenBatchNorm2d holding its current statistics."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            for key in ("weight", "bias", "running_mean", "running_var"):
-                getattr(frozen, key).copy_(getattr(child, key).detach())
-            setattr(module, name, frozen)
-        else:
-            freeze_batchnorm(child)
-    return module
 
 
 @BACKBONES.register

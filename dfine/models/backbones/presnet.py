@@ -26,7 +26,7 @@ from torch import Tensor
 
 from dfine.layers.conv import ConvNormAct
 from dfine.layers.mlp import mlp_activation
-from dfine.models.backbones.hgnetv2 import PretrainedWeightsError, freeze_batchnorm
+from dfine.models.backbones.common import PretrainedWeightsError, freeze_batchnorm
 from dfine.registry import BACKBONES
 
 logger = logging.getLogger(__name__)
