@@ -26,16 +26,38 @@ def affine_matrix(width: int, height: int, angle: float, translate: tuple[float,
     return matrix
 
 
+def _clip_polygon(points: list, width: float, height: float) -> list:
+    """Sutherland-Hodgman: the part of a convex polygon [(x, y), ...] inside [0, width] x [0, height]."""
+    edges = ((0, 0.0, 1), (0, float(width), -1), (1, 0.0, 1), (1, float(height), -1))  # (axis, limit, side)
+    for axis, limit, side in edges:
+        if not points:
+            break
+        kept = []
+        for i, current in enumerate(points):
+            previous = points[i - 1]
+            inside_now = side * (current[axis] - limit) >= 0
+            inside_before = side * (previous[axis] - limit) >= 0
+            if inside_now != inside_before:
+                t = (limit - previous[axis]) / (current[axis] - previous[axis])
+                kept.append(tuple(p + t * (c - p) for p, c in zip(previous, current)))
+            if inside_now:
+                kept.append(current)
+        points = kept
+    return points
+
+
 def transform_boxes(boxes: np.ndarray, matrix: np.ndarray, width: int, height: int) -> np.ndarray:
-    """[N, 4] xyxy pixel boxes -> the axis-aligned boxes enclosing their mapped corners, clipped to the image."""
-    if len(boxes) == 0:
-        return boxes.reshape(0, 4).astype(np.float32)
-    x1, y1, x2, y2 = boxes.T
-    corners = np.stack([np.stack([x1, y1], -1), np.stack([x2, y1], -1),
-                        np.stack([x1, y2], -1), np.stack([x2, y2], -1)], axis=1)  # [N, 4, 2]
-    mapped = corners @ matrix[:, :2].T + matrix[:, 2]
-    out = np.concatenate([mapped.min(axis=1), mapped.max(axis=1)], axis=1)
-    return np.clip(out, 0, np.array([width, height, width, height], np.float64)).astype(np.float32)
+    """[N, 4] xyxy pixel boxes -> the axis-aligned boxes enclosing the part of each mapped box that lies on the
+    image (a box entirely off the image becomes [0, 0, 0, 0]). Clipping the mapped quadrilateral before taking
+    its extent keeps a rotated box that leaves the image from claiming empty corners of the canvas."""
+    out = np.zeros((len(boxes), 4), np.float32)
+    for i, (x1, y1, x2, y2) in enumerate(boxes.astype(np.float64)):
+        corners = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]]) @ matrix[:, :2].T + matrix[:, 2]
+        clipped = _clip_polygon([tuple(c) for c in corners], width, height)
+        if clipped:
+            points = np.asarray(clipped)
+            out[i] = [*points.min(axis=0), *points.max(axis=0)]
+    return np.clip(out, 0, np.array([width, height, width, height], np.float32))  # float error at the edges
 
 
 @TRANSFORMS.register
