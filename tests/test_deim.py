@@ -21,7 +21,7 @@ from dfine.engine.optim import FlatCosineLR
 from dfine.engine.phases import PhaseSchedule
 from dfine.losses import functional as L
 from dfine.registry import ConfigError
-from test_criterion_parity import load_reference
+from test_criterion_parity import load_reference, synthetic_outputs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEIM_N = REPO_ROOT / "configs" / "deim_dfine_n_coco.yml"
@@ -83,6 +83,22 @@ def test_deim_n_config_reproduces_reference_loss_dict(reference_dir, variant):
     for key in set(losses) - set(expected):
         # the reference leaves out DDF terms that are exactly zero (a layer that is its own teacher)
         assert losses[key].item() == 0.0, key
+
+
+@pytest.mark.parametrize("sizes", [[0, 3], [0, 0]], ids=["one-empty-image", "all-empty"])
+def test_deim_criterion_with_empty_targets(sizes):
+    criterion = dfine.build_criterion(dfine.load_config(DEIM_N))
+    outputs, targets = synthetic_outputs(sizes)
+    losses = criterion(outputs, targets)
+    assert "loss_mal" in losses and "loss_mal_dn_pre" in losses and "loss_vfl" not in losses
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    if sum(sizes) == 0:
+        # nothing matched: every entry is a negative, weight p^1.5, target 0; num_boxes clamps to 1
+        logits = outputs["pred_logits"].detach().double()
+        p = logits.sigmoid()
+        expected = (p.pow(1.5) * -torch.log1p(-p)).sum().item()
+        assert losses["loss_mal"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_mal_without_box_losses_is_a_config_error(tmp_path):
