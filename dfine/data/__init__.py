@@ -10,4 +10,4 @@
     checks.py          pre-flight dataset checks; throughput.py: data-worker speed
 """
 
-from dfine.data import coco, collate, synthetic, transforms  # noqa: F401  (register DATASETS, COLLATORS, TRANSFORMS)
+from dfine.data import coco, collate, mosaic, synthetic, transforms  # noqa: F401  (register DATASETS, COLLATORS, TRANSFORMS)

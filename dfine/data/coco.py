@@ -94,6 +94,8 @@ class CocoDetection(Dataset):
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
+        if hasattr(transforms, "bind"):
+            transforms.bind(self)  # ops such as Mosaic draw extra images from this dataset
         self.remap_mscoco_category = bool(remap_mscoco_category)
         self.category_mapping = category_mapping
         self.epoch = -1

@@ -40,37 +40,93 @@ def _pixel_boxes(target: dict, op: str) -> np.ndarray:
     return boxes
 
 
+# Ops a mosaic replaces: its canvas already zooms out and crops (DEIM skips them when Mosaic fires).
+REPLACED_BY_MOSAIC = ("RandomZoomOut", "RandomIoUCrop")
+
+
+def policy_boundaries(epoch, path: str = "transforms.policy.epoch") -> tuple[int, ...]:
+    """The policy's epoch as a tuple: (stop,) or DEIM's (start, flat, stop), checked to be increasing."""
+    values = list(epoch) if isinstance(epoch, (list, tuple)) else [epoch]
+    if len(values) not in (1, 3) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"`{path}` must be an epoch or a list [start, flat, stop] of epochs, not {epoch!r}")
+    if any(v < 0 for v in values) or any(a >= b for a, b in zip(values, values[1:])):
+        raise ConfigError(f"`{path}` = {values}: the boundaries [start, flat, stop] must be increasing and >= 0")
+    return tuple(values)
+
+
 @TRANSFORMS.register
 class Compose:
-    """Apply ``ops`` in order. With ``policy: {name: stop_epoch, epoch: E, ops: [names]}`` the named ops are
-    skipped from epoch E on (the no-augmentation phase); the epoch comes with every call, never from state
-    hidden in a worker process."""
+    """Apply ``ops`` in order, as the augmentation policy allows at the given epoch.
 
-    def __init__(self, ops: Sequence = (), policy: dict | None = None):
+    ``policy: {name: stop_epoch, epoch: E, ops: [names]}``: the named ops are skipped from epoch E on (the
+    no-augmentation phase). With DEIM's ``epoch: [start, flat, stop]`` the named ops are skipped before
+    ``start`` and from ``stop`` on; in ``[start, flat)`` each sample gets ``Mosaic`` with probability
+    ``mosaic_prob`` (and then no RandomZoomOut / RandomIoUCrop), in ``[flat, stop)`` never. The epoch comes
+    with every call, never from state hidden in a worker process.
+    """
+
+    def __init__(self, ops: Sequence = (), policy: dict | None = None, mosaic_prob: float = 0.0):
         self.ops = list(ops or [])
         policy = dict(policy or {"name": "default"})
         name = policy.get("name", "default")
         if name not in ("default", "stop_epoch"):
             raise ConfigError(f"transforms.policy.name must be `default` or `stop_epoch`, not {name!r}")
+        self.boundaries: tuple[int, ...] = ()
         if name == "stop_epoch":
             if "epoch" not in policy:
                 raise ConfigError("transforms.policy with name stop_epoch needs `epoch` (the first epoch without them)")
+            self.boundaries = policy_boundaries(policy["epoch"])
             present = {type(op).__name__ for op in self.ops}
             missing = [n for n in policy.get("ops", []) if n not in present]
             if missing:
                 logger.warning("transforms.policy.ops names %s, which are not among the transforms", missing)
+        if not 0.0 <= float(mosaic_prob) <= 1.0:
+            raise ConfigError(f"transforms.mosaic_prob must lie in [0, 1], not {mosaic_prob!r}")
+        has_mosaic = any(type(op).__name__ == "Mosaic" for op in self.ops)
+        if has_mosaic and len(self.boundaries) != 3:
+            raise ConfigError("transforms: a Mosaic op needs `policy: {name: stop_epoch, epoch: [start, flat, stop]}` "
+                              "(its window is [start, flat))")
         self.policy = policy
+        self.mosaic_prob = float(mosaic_prob)
+
+    def bind(self, dataset) -> None:
+        """Give ops that draw extra images (Mosaic) the dataset they come from."""
+        for op in self.ops:
+            if getattr(op, "needs_dataset", False):
+                op.bind(dataset)
+
+    def mosaic_window(self) -> tuple[int, int] | None:
+        """[start, flat) epochs in which Mosaic may fire, or None."""
+        return tuple(self.boundaries[:2]) if len(self.boundaries) == 3 else None
 
     def stopped_ops(self, epoch: int) -> set[str]:
-        """Names of the ops switched off at ``epoch``."""
-        if self.policy.get("name") == "stop_epoch" and epoch is not None and epoch >= self.policy["epoch"]:
-            return set(self.policy.get("ops", []))
-        return set()
+        """Names of the ops switched off for every sample at ``epoch``."""
+        if not self.boundaries or epoch is None:
+            return set()
+        named = set(self.policy.get("ops", []))
+        if len(self.boundaries) == 1:
+            return named if epoch >= self.boundaries[0] else set()
+        start, flat, stop = self.boundaries
+        if epoch < start or epoch >= stop:
+            return named
+        return {"Mosaic"} if epoch >= flat else set()
+
+    def ops_for_sample(self, epoch: int) -> set[str]:
+        """Names of the ops skipped for one sample: ``stopped_ops`` plus this sample's mosaic draw (one
+        ``random.random()`` inside the mosaic window)."""
+        skipped = self.stopped_ops(epoch)
+        window = self.mosaic_window()
+        if window is not None and epoch is not None and window[0] <= epoch < window[1]:
+            if random.random() < self.mosaic_prob:
+                skipped |= set(REPLACED_BY_MOSAIC)
+            else:
+                skipped.add("Mosaic")
+        return skipped
 
     def __call__(self, image, target: dict, epoch: int = -1):
-        stopped = self.stopped_ops(epoch)
+        skipped = self.ops_for_sample(epoch)
         for op in self.ops:
-            if type(op).__name__ not in stopped:
+            if type(op).__name__ not in skipped:
                 image, target = op(image, target)
         return image, target
 

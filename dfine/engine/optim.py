@@ -14,7 +14,8 @@ Schedules, all stepped by the train loop after each optimizer step:
 * ``MultiStepLR`` (torch's, ``lr_scheduler``): stepped once per epoch, and only once the warm-up has finished,
   as in the reference.
 * ``FlatCosineLR`` (``lr_scheduler``): stepped every optimizer step; flat at base lr for ``flat_epoch`` epochs,
-  cosine down to ``lr_gamma * base`` at the start of the no-augmentation phase, flat there to the end.
+  cosine down to ``lr_gamma * base`` at the start of the no-augmentation phase, flat there to the end; with
+  ``warmup_iter`` (DEIM) it starts with a quadratic warm-up of its own instead of ``LinearWarmup``.
 """
 
 from __future__ import annotations
@@ -137,8 +138,12 @@ class FlatCosineLR(LRScheduler):
     With ``T`` optimizer steps in total, ``F = flat_epoch * iter_per_epoch`` and ``N = no_aug_epoch *
     iter_per_epoch``, the lr of a group with base lr ``b`` at step t is ``b`` for t <= F, ``b * lr_gamma`` for
     t >= T - N, and in between ``b * (lr_gamma + (1 - lr_gamma) * (1 + cos(pi * (t - F) / (T - F - N))) / 2)``.
-    The linear warm-up (a separate scheduler) overrides the first steps. The trainer fills ``iter_per_epoch``,
-    ``total_epochs`` and ``no_aug_epoch`` (``epochs - stop_epoch``) from the phase schedule.
+    With ``warmup_iter`` W > 0 (DEIM's schedule) the steps t <= W instead use ``b * (t / W) ** 2``; without it a
+    separate linear warm-up (``lr_warmup_scheduler``) may override the first steps. The trainer fills
+    ``iter_per_epoch``, ``total_epochs`` and ``no_aug_epoch`` (``epochs - stop_epoch``) from the phase schedule.
+
+    DEIM's reference sets the lr of step t + 1 from this formula at t (its first step runs at the base lr);
+    here step t uses the formula at t, so the curve is the reference's shifted by one step.
     """
 
     step_per_iteration = True
@@ -151,8 +156,12 @@ class FlatCosineLR(LRScheduler):
         iter_per_epoch: int = 1,
         total_epochs: int = 1,
         no_aug_epoch: int = 0,
+        warmup_iter: int = 0,
         last_epoch: int = -1,
     ):
+        if int(warmup_iter) < 0:
+            raise ConfigError(f"lr_scheduler.warmup_iter must be >= 0, not {warmup_iter}")
+        self.warmup_iters = int(warmup_iter)
         self.lr_gamma = float(lr_gamma)
         self.total_iters = int(iter_per_epoch * total_epochs)
         self.flat_iters = int(iter_per_epoch * flat_epoch)
@@ -165,6 +174,8 @@ class FlatCosineLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def factor(self, t: int) -> float:
+        if t <= self.warmup_iters and self.warmup_iters > 0:
+            return (t / self.warmup_iters) ** 2
         if t <= self.flat_iters:
             return 1.0
         decay_end = self.total_iters - self.no_aug_iters

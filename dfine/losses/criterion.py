@@ -20,6 +20,9 @@ layer's distributions into the earlier layers. Loss names follow the reference: 
 
 With ``use_union_matching=False`` every head uses its own assignment for every loss, which is RT-DETRv2's
 objective (losses ``[vfl, boxes]``; its denoising heads come as ``dn_aux_outputs``).
+
+DEIM (arXiv 2412.04234) trains the same heads with ``losses: [mal, boxes, local]``: the matchability-aware
+loss replaces VFL (terms ``loss_mal`` with the same suffixes); everything else is unchanged.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from dfine.losses import functional as L
 from dfine.losses.matcher import Assignment, denoising_assignment, union_assignment
 from dfine.models.fdr import bbox2distance
 from dfine.ops.boxes import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
-from dfine.registry import CRITERIONS
+from dfine.registry import CRITERIONS, ConfigError
 
 # Loss group names accepted in ``losses`` and the weighted terms each one produces.
 LOSS_TERMS = {
     "vfl": ("loss_vfl",),
+    "mal": ("loss_mal",),
     "focal": ("loss_focal",),
     "boxes": ("loss_bbox", "loss_giou"),
     "local": ("loss_fgl", "loss_ddf"),
@@ -101,8 +105,9 @@ class DFINECriterion(nn.Module):
     Args:
         matcher: a HungarianMatcher (built by the builder from ``criterion.matcher``).
         weight_dict: {term name: weight}; a term absent here is neither computed nor reported.
-        losses: loss groups to apply, from "vfl", "focal", "boxes", "local".
-        alpha, gamma: VFL / focal parameters.
+        losses: loss groups to apply, from "vfl", "mal", "focal", "boxes", "local".
+        alpha, gamma: VFL / focal parameters; ``gamma`` is also MAL's exponent (DEIM uses 1.5).
+        mal_alpha: optional factor on MAL's negative weight (DEIM's ``mal_alpha``; null = 1).
         num_classes: number of classes of ``pred_logits``.
         reg_max: FDR bins per edge minus one.
         boxes_weight_format: None, "iou" or "giou": if set, VFL's targets and the GIoU loss's per-box weights are
@@ -125,6 +130,7 @@ class DFINECriterion(nn.Module):
         share_matched_indices: bool = False,
         use_union_matching: bool = True,
         ddf_temperature: float = 5.0,
+        mal_alpha: float | None = None,
     ):
         super().__init__()
         unknown = [name for name in losses if name not in LOSS_TERMS]
@@ -134,6 +140,13 @@ class DFINECriterion(nn.Module):
         unknown = [k for k in weight_dict if k not in known_terms]
         if unknown:
             raise ValueError(f"criterion.weight_dict: unknown term(s) {unknown}; known: {sorted(known_terms)}")
+        if "mal" in losses and "boxes" not in losses:
+            # MAL's targets are the IoUs of the predicted boxes; without the box losses those boxes never learn
+            # and the classification targets stay meaningless.
+            raise ConfigError(f"criterion.losses: `mal` needs the IoU-providing box losses; add `boxes` "
+                              f"(e.g. [mal, boxes, local]), got {list(losses)}")
+        if "mal" in losses and "loss_mal" not in weight_dict:
+            raise ConfigError("criterion.weight_dict: `losses` has `mal` but no `loss_mal` weight (DEIM uses 1)")
         if boxes_weight_format not in (None, "iou", "giou"):
             raise ValueError(
                 f"criterion.boxes_weight_format must be null, 'iou' or 'giou', not {boxes_weight_format!r}"
@@ -149,6 +162,7 @@ class DFINECriterion(nn.Module):
         self.share_matched_indices = share_matched_indices
         self.use_union_matching = use_union_matching
         self.ddf_temperature = ddf_temperature
+        self.mal_alpha = mal_alpha
 
     def forward(self, outputs: dict, targets: list[dict], **metadata) -> dict[str, Tensor]:
         """Weighted loss terms for one training forward.
@@ -267,6 +281,8 @@ class DFINECriterion(nn.Module):
             for name in self.losses:
                 if name == "vfl":
                     terms = self._vfl(out, h)
+                elif name == "mal":
+                    terms = self._mal(out, h)
                 elif name == "focal":
                     terms = self._focal(out, h)
                 elif name == "boxes":
@@ -303,6 +319,14 @@ class DFINECriterion(nn.Module):
         loss = L.varifocal_loss(out["pred_logits"], m.batch_idx, m.query_idx, m.labels, ious,
                                 h.num_classification, self.alpha, self.gamma)
         return {"loss_vfl": loss}
+
+    def _mal(self, out: dict, h: Head) -> dict[str, Tensor]:
+        m = h.classification
+        quality = self._box_quality(out, m)
+        ious = quality if quality is not None else self._matched_ious(out, m)
+        loss = L.matchability_aware_loss(out["pred_logits"], m.batch_idx, m.query_idx, m.labels, ious,
+                                         h.num_classification, self.gamma, self.mal_alpha)
+        return {"loss_mal": loss}
 
     def _focal(self, out: dict, h: Head) -> dict[str, Tensor]:
         if "loss_focal" not in self.weight_dict:

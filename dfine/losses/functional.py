@@ -7,6 +7,7 @@ decides which predictions each function sees.
 Abbreviations (D-FINE, arXiv 2410.13842): VFL = varifocal loss (classification with IoU-aware targets),
 FGL = fine-grained localization loss (a distribution focal loss on FDR's per-edge bin distributions),
 DDF = decoupled distillation focal loss (GO-LSD's self-distillation from the final decoder layer).
+MAL = matchability-aware loss (DEIM, arXiv 2412.04234): VFL's successor for dense one-to-one matching.
 """
 
 from __future__ import annotations
@@ -54,6 +55,44 @@ def varifocal_loss(
     score = _class_targets(logits, batch_idx, query_idx, labels, ious.detach())
     weight = alpha * logits.detach().sigmoid().pow(gamma) * (1 - is_positive) + score
     loss = F.binary_cross_entropy_with_logits(logits, score, weight=weight, reduction="none")
+    return loss.sum() / num_boxes
+
+
+def matchability_aware_loss(
+    logits: Tensor,
+    batch_idx: Tensor,
+    query_idx: Tensor,
+    labels: Tensor,
+    ious: Tensor,
+    num_boxes: float,
+    gamma: float = 1.5,
+    alpha: float | None = None,
+) -> Tensor:
+    """Matchability-aware loss (DEIM, arXiv 2412.04234, eq. 3).
+
+    With p = sigmoid(logit) and q the IoU of a matched query's box with its target: the matched (query, label)
+    entry has target ``q ** gamma`` and weight 1 (unlike VFL, a low-IoU match is not down-weighted, only its
+    target is lowered); every other entry has target 0 and weight ``p ** gamma`` (p detached), times ``alpha``
+    when given.
+
+    Args:
+        logits: [B, Q, C] class logits.
+        batch_idx, query_idx: [M] long, the matched predictions.
+        labels: [M] long, their target classes (0 .. C-1).
+        ious: [M] IoU of each matched prediction with its target (no gradient flows through it).
+        num_boxes: normaliser.
+        gamma: exponent of the positive target and of the negative weight.
+        alpha: optional factor on the negative weight (DEIM's ``mal_alpha``).
+    Returns:
+        scalar: sum of the weighted binary cross-entropy over B x Q x C, divided by num_boxes.
+    """
+    is_positive = _class_targets(logits, batch_idx, query_idx, labels, torch.ones_like(ious))
+    target = _class_targets(logits, batch_idx, query_idx, labels, ious.detach().pow(gamma))
+    negative_weight = logits.detach().sigmoid().pow(gamma)
+    if alpha is not None:
+        negative_weight = alpha * negative_weight
+    weight = negative_weight * (1 - is_positive) + is_positive
+    loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
     return loss.sum() / num_boxes
 
 
