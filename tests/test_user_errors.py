@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dfine
 import dfine.devices
 from dfine.cli import benchmark, check_dataset, convert, eval as eval_cli, export_onnx, infer, train
 
@@ -33,6 +34,8 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "blocker").write_text("a file where a folder would have to be created\n")
     (tmp_path / "garbage.pth").write_bytes(b"<html>404 not found</html>")
     torch.save({"model": {}}, tmp_path / "empty.pth")  # a readable checkpoint: the tools must stop before loading it
+    gpu_run = dfine.load_config(DEMO, ["device=cuda"])  # as a GPU training run stores it
+    torch.save({"model": {}, "config": gpu_run}, tmp_path / "gpu_run.pth")
     whole = (tmp_path / "empty.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(whole[: len(whole) // 2])
     (tmp_path / "image.jpg").write_bytes(b"not decoded: the arguments fail first")
@@ -61,7 +64,7 @@ CASES = [
     ("train", ["-c", DEMO, "-u", "train_dataloader.total_batch_size=0"], ["train_dataloader.total_batch_size", "0"], 2),
     ("train", ["-c", DEMO, "-u", "amp_dtype=float8"], ["amp_dtype", "'float8'", "bfloat16"], 2),
     ("train", ["-c", DEMO, "-u", "use_ema=maybe"], ["use_ema", "'maybe'", "true or false"], 2),
-    ("train", ["-c", DEMO, "-u", "stop_epoch=99"], ["stop_epoch", "99"], 2),
+    ("train", ["-c", DEMO, "-u", "stop_epoch=-3"], ["stop_epoch", "-3"], 2),
     ("train", ["-c", DEMO, "-u", "model.decoder.num_queries=lots"], ["model.decoder.num_queries", "'lots'", "int"], 2),
     ("train", ["-c", DEMO, "-u", "model.encoder.dropout=true"], ["model.encoder.dropout", "float"], 2),
     ("train", ["-c", "typed_in_file.yml"], ["use_amp", "'sometimes'"], 2),
@@ -84,6 +87,7 @@ CASES = [
     ("eval", ["-r", "garbage.pth", "-c", DEMO], ["garbage.pth"], 2),
     ("eval", ["-r", "empty.pth", "-c", DEMO, "--output-dir", "blocker/eval"], ["--output-dir", "blocker"], 2),
     ("eval", ["-r", "folder"], ["-r", "folder", "not a file"], 2),
+    ("eval", ["-r", "gpu_run.pth"], ["no -d given", "cuda", "CUDA is not available", "cpu"], 2),
     ("infer", ["-r", "empty.pth", "-i", "image.jpg", "--threshold", "-0.5"], ["--threshold", "-0.5", "[0, 1]"], 2),
     ("infer", ["-r", "empty.pth", "-i", "image.jpg", "--threshold", "1.5"], ["--threshold", "1.5"], 2),
     ("infer", ["-r", "empty.pth", "-i", "no_such_dir"], ["-i", "no_such_dir", "no such file or folder"], 2),
@@ -96,7 +100,7 @@ CASES = [
     ("export_onnx", ["-r", "empty.pth", "--opset", "9"], ["--opset", "9", "[16, 20]"], 2),
     ("export_onnx", ["-r", "empty.pth", "--batch-size", "0"], ["--batch-size", "0"], 2),
     ("export_onnx", ["-r", "empty.pth", "--images", "missing.jpg"], ["--images", "missing.jpg"], 2),
-    ("export_onnx", ["-r", "empty.pth", "--ap-tol", "-1"], ["--ap-tol", "-1"], 2),
+    ("export_onnx", ["-r", "empty.pth", "--check-ap", "--max-images", "0"], ["--max-images", "0"], 2),
     ("export_onnx", ["-o", "x.onnx"], ["-r", "-c"], 2),
     ("benchmark", ["eval", "-c", DEMO, "--size", "100"], ["--size", "100", "multiples of 32"], 2),
     ("benchmark", ["train", "-c", DEMO, "--batch-size", "0"], ["--batch-size", "0"], 2),

@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     common.device(args.device, "-d")
     cfg = config_for(args)
     common.output_dir(cfg.get("output_dir"), "output_dir")
-    common.device(cfg.get("device"), "device")
+    if not args.device:  # e.g. `cuda` stored by a GPU run, evaluated on a laptop
+        common.device(cfg.get("device"), "no -d given; the config's device")
     from dfine.engine.trainer import run
 
     return run(cfg, resume=args.resume, test_only=True)

@@ -67,9 +67,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     for image in args.images:
         common.input_file(image, "--images")
     common.at_least(args.max_images, "--max-images", 1)
-    common.at_least(args.score_tol, "--score-tol", 0)
-    common.at_least(args.box_tol, "--box-tol", 0)
-    common.fraction(args.ap_tol, "--ap-tol")
+    # tolerances are not checked: one nothing can meet (e.g. negative) is a way to see the refusal (exit 1)
 
 
 @common.run_tool
