@@ -39,6 +39,7 @@ def workdir(tmp_path, monkeypatch):
     whole = (tmp_path / "empty.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(whole[: len(whole) // 2])
     (tmp_path / "image.jpg").write_bytes(b"not decoded: the arguments fail first")
+    (tmp_path / "model.onnx").write_bytes(b"not read: the arguments fail first")
     (tmp_path / "notes.txt").write_text("not an image\n")
     (tmp_path / "folder").mkdir()
     (tmp_path / "bad_yaml.yml").write_text("epochs: [1, 2\n")
@@ -88,6 +89,7 @@ CASES = [
     ("eval", ["-r", "empty.pth", "-c", DEMO, "--output-dir", "blocker/eval"], ["--output-dir", "blocker"], 2),
     ("eval", ["-r", "folder"], ["-r", "folder", "not a file"], 2),
     ("eval", ["-r", "gpu_run.pth"], ["no -d given", "cuda", "CUDA is not available", "cpu"], 2),
+    ("infer", ["-r", "model.onnx", "-c", "garbage.pth", "-i", "image.jpg"], ["-c", "garbage.pth"], 2),
     ("infer", ["-r", "empty.pth", "-i", "image.jpg", "--threshold", "-0.5"], ["--threshold", "-0.5", "[0, 1]"], 2),
     ("infer", ["-r", "empty.pth", "-i", "image.jpg", "--threshold", "1.5"], ["--threshold", "1.5"], 2),
     ("infer", ["-r", "empty.pth", "-i", "no_such_dir"], ["-i", "no_such_dir", "no such file or folder"], 2),
@@ -160,7 +162,12 @@ def test_fp16_amp_on_cpu_is_explained(workdir, capsys, monkeypatch):
     import dfine.engine.trainer as trainer
 
     seen = {}
-    monkeypatch.setattr(trainer, "run", lambda cfg, resume=None, test_only=False: seen.setdefault("cfg", cfg) and 0)
+
+    def fake_run(cfg, resume=None, test_only=False):  # stands in for the training itself
+        seen["cfg"] = cfg
+        return 0
+
+    monkeypatch.setattr(trainer, "run", fake_run)
     assert train.main(["-c", DEMO, "-d", "cpu", "--use-amp", "-u", "amp_dtype=float16"]) == 0
     err = capsys.readouterr().err
     assert "warning:" in err and "float16" in err and "amp_dtype=bfloat16" in err

@@ -77,6 +77,13 @@ def checkpoint_file(value: str | os.PathLike | None, flag: str) -> Path | None:
     return path
 
 
+def config_file(value: str | os.PathLike | None, flag: str) -> Path | None:
+    """A YAML config, or a checkpoint (.pth, .pt) that carries one."""
+    if value is not None and Path(value).suffix.lower() in (".pth", ".pt"):
+        return checkpoint_file(value, flag)
+    return input_file(value, flag)
+
+
 def input_dir(value: str | os.PathLike | None, flag: str) -> Path | None:
     """An existing folder (None passes)."""
     if value is None:

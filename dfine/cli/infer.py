@@ -38,7 +38,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     from dfine.deploy.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
     common.checkpoint_file(args.resume, "-r")
-    common.input_file(args.config, "-c")
+    common.config_file(args.config, "-c")  # a YAML config, or a checkpoint that carries one
     common.input_file_or_dir(args.input, "-i", suffixes=sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))
     common.output_dir(args.output, "-o")
     common.fraction(args.threshold, "--threshold")
