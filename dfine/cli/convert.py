@@ -90,5 +90,6 @@ def main(argv=None) -> int:
         return common.report(err)
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

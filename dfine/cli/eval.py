@@ -63,5 +63,6 @@ def main(argv=None) -> int:
 
     return run(cfg, resume=args.resume, test_only=True)
 
+
 if __name__ == "__main__":
     sys.exit(main())

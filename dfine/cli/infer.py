@@ -63,5 +63,6 @@ def main(argv=None) -> int:
     print(f"results written to {path} ({predictor.kind}, input {predictor.image_size[1]}x{predictor.image_size[0]})")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

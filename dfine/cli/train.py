@@ -72,5 +72,6 @@ def main(argv=None) -> int:
 
     return run(cfg, resume=args.resume, test_only=args.test_only)
 
+
 if __name__ == "__main__":
     sys.exit(main())
