@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import yaml
 
 from dfine.registry import ConfigError, constructor_parameters, did_you_mean, find_component
+from dfine.settings import check_settings
 
 INCLUDE_KEY = "__include__"
 
@@ -249,7 +250,8 @@ def resolve_references(cfg: dict) -> dict:
 
 
 def validate_config(cfg: dict) -> None:
-    """Reject unknown top-level keys, unknown component types and keys that are no constructor argument."""
+    """Reject unknown top-level keys, unknown component types, keys that are no constructor argument, and values
+    outside their declared type and range (dfine/settings.py)."""
     from dfine.components import import_components
 
     import_components()
@@ -257,6 +259,7 @@ def validate_config(cfg: dict) -> None:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"unknown top-level config key `{key}`{did_you_mean(key, TOP_LEVEL_KEYS)}")
     _validate_node(cfg, "")
+    check_settings(cfg)
 
 
 def _validate_node(node, path: str) -> None:

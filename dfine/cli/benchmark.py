@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from dfine.cli.common import run_tool
+
 REFERENCE_INPUTS = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "inputs.pt"
 
 
@@ -232,19 +234,30 @@ def bench_all(cfg: dict, args, device: torch.device) -> dict:
             "data": data, "table": model_table(model, train, data)}
 
 
+def check_arguments(args: argparse.Namespace) -> torch.device:
+    """Every argument, before a model or the data is built; returns the device."""
+    from dfine.cli import common
+
+    common.input_file(args.config, "-c")
+    common.at_least(args.threads, "--threads", 0)
+    common.image_size([args.size], "--size")
+    common.at_least(args.batch_size, "--batch-size", 1)
+    common.at_least(args.warmup, "--warmup", 0)
+    common.at_least(args.runs, "--runs", 1)
+    common.output_file(args.json, "--json")
+    return common.device(args.device, "-d")
+
+
+@run_tool
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dfine.config import ConfigError, load_config
+    from dfine.config import load_config
 
-    try:
-        overrides = list(args.update)
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    device = check_arguments(args)
+    overrides = list(args.update)
+    cfg = load_config(args.config, overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     if cfg.get("eval_spatial_size") not in (None, [args.size, args.size]):
         # the model caches anchors for eval_spatial_size: build it for the size it is timed at
         cfg = load_config(args.config, overrides + [f"eval_spatial_size=[{args.size}, {args.size}]"])

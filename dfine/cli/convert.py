@@ -17,10 +17,11 @@ import logging
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-from dfine.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from dfine.checkpoint import extract_state_dict, read_checkpoint
+from dfine.cli import common
 from dfine.config import ConfigError, load_config, resolve_references, validate_config
 
+ROOT = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("convert")
 
 
@@ -63,19 +64,30 @@ def from_hf(args: argparse.Namespace) -> None:
     logger.info("converted %s -> %s (evaluate with: python tools/eval.py -r %s)", args.from_hf, args.output, args.output)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every argument, before a checkpoint is read or anything is written."""
+    common.input_dir(args.from_hf, "--from-hf")
+    common.checkpoint_file(args.resume, "-r")
+    common.input_file(args.config, "-c")
+    if args.to_hf:
+        common.output_dir(args.output, "-o")
+    else:
+        common.output_file(args.output, "-o")
+
+
+@common.run_tool
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    check_arguments(args)
     from dfine.interop.hf import ConversionError
 
     try:
         to_hf(args) if args.to_hf else from_hf(args)
     except ImportError as err:
-        print(f"error: {err}; install the Hugging Face extra: pip install -e .[hf]", file=sys.stderr)
-        return 2
-    except (ConversionError, ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return common.report(f"{err}; install the Hugging Face extra: pip install -e .[hf]")
+    except ConversionError as err:
+        return common.report(err)
     return 0
 
 

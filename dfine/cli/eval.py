@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from dfine.checkpoint import CheckpointError, read_checkpoint
+from dfine.checkpoint import read_checkpoint
+from dfine.cli import common
 from dfine.config import ConfigError, apply_override, load_config, resolve_references, validate_config
 
 
@@ -46,21 +47,21 @@ def config_for(args: argparse.Namespace) -> dict:
     return cfg
 
 
+@common.run_tool
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = config_for(args)
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # before the checkpoint is read or anything is written
+    common.checkpoint_file(args.resume, "-r")
+    common.input_file(args.config, "-c")
+    common.output_dir(args.output_dir, "--output-dir")
+    common.device(args.device, "-d")
+    cfg = config_for(args)
+    common.output_dir(cfg.get("output_dir"), "output_dir")
+    if not args.device:  # e.g. `cuda` stored by a GPU run, evaluated on a laptop
+        common.device(cfg.get("device"), "no -d given; the config's device")
     from dfine.engine.trainer import run
-    from dfine.errors import USER_ERRORS
 
-    try:
-        return run(cfg, resume=args.resume, test_only=True)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run(cfg, resume=args.resume, test_only=True)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dfine.checkpoint import CheckpointError
-from dfine.config import ConfigError
+from dfine.cli import common
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,22 +45,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# grid_sample (the decoder's deformable sampling) needs opset 16; the TorchScript exporter stops at 20.
+MIN_OPSET, MAX_OPSET = 16, 20
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    return Path(args.output or Path(args.resume or "model").with_suffix(".onnx").name)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every argument, before a model is loaded or a file is written."""
+    from dfine.errors import UsageError
+
+    if not args.resume and not args.config:
+        raise UsageError("give a checkpoint (-r) and/or a config (-c)")
+    common.checkpoint_file(args.resume, "-r")
+    common.input_file(args.config, "-c")
+    common.output_file(output_path(args), "-o")
+    common.at_least(args.batch_size, "--batch-size", 1)
+    common.in_range(args.opset, "--opset", MIN_OPSET, MAX_OPSET)
+    for image in args.images:
+        common.input_file(image, "--images")
+    common.at_least(args.max_images, "--max-images", 1)
+    # tolerances are not checked: one nothing can meet (e.g. negative) is a way to see the refusal (exit 1)
+
+
+@common.run_tool
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from dfine.deploy import DeployModel, ExportError, OnnxDetector, compare_detections, export_onnx, load_detector
     from dfine.deploy.export import parity_images
 
-    if not args.resume and not args.config:
-        print("error: give a checkpoint (-r) and/or a config (-c)", file=sys.stderr)
-        return 2
     try:
         model, post, cfg, classes = load_detector(args.resume, args.config, args.update, sampling=args.sampling, deploy=True)
-    except (ConfigError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:  # ConfigError and the loader's own argument errors
+        return common.report(err)
     size = cfg.get("eval_spatial_size") or [640, 640]
-    output = Path(args.output or Path(args.resume or "model").with_suffix(".onnx").name)
+    output = output_path(args)
     deploy_model = DeployModel(model, post).eval()
     try:
         export_onnx(deploy_model, output, (int(size[0]), int(size[1])), dynamic_batch=args.dynamic_batch,

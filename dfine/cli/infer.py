@@ -15,8 +15,7 @@ import argparse
 import logging
 import sys
 
-from dfine.checkpoint import CheckpointError
-from dfine.config import ConfigError
+from dfine.cli import common
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,8 +33,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every argument, before a model is loaded or the output folder is made."""
+    from dfine.deploy.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+
+    common.checkpoint_file(args.resume, "-r")
+    common.config_file(args.config, "-c")  # a YAML config, or a checkpoint that carries one
+    common.input_file_or_dir(args.input, "-i", suffixes=sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))
+    common.output_dir(args.output, "-o")
+    common.fraction(args.threshold, "--threshold")
+    common.at_least(args.batch_size, "--batch-size", 1)
+    common.image_size(args.size, "--size")
+    common.device(args.device, "-d")
+
+
+@common.run_tool
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from dfine.deploy import Predictor
     from dfine.deploy.media import run_inference
@@ -43,9 +58,8 @@ def main(argv=None) -> int:
     try:
         predictor = Predictor.from_file(args.resume, args.config, args.update, device=args.device, image_size=args.size)
         path = run_inference(predictor, args.input, args.output, args.threshold, args.batch_size)
-    except (ConfigError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:  # the deploy code's own argument errors (e.g. too few positions for num_queries)
+        return common.report(err)
     print(f"results written to {path} ({predictor.kind}, input {predictor.image_size[1]}x{predictor.image_size[0]})")
     return 0
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dfine.config import ConfigError, config_to_yaml, load_config
+from dfine.cli import common
+from dfine.config import config_to_yaml, load_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,24 +46,31 @@ def config_from_args(args: argparse.Namespace) -> dict:
     return load_config(args.config, overrides)
 
 
+def check_arguments(args: argparse.Namespace, cfg: dict) -> None:
+    """Inputs exist, outputs can be written, the device exists: before any data or model is touched."""
+    common.checkpoint_file(args.resume, "-r")
+    common.checkpoint_file(cfg.get("tuning"), "-t" if args.tuning else "tuning")
+    common.output_dir(cfg.get("output_dir"), "--output-dir" if args.output_dir else "output_dir")
+    common.output_dir(cfg.get("summary_dir"), "--summary-dir" if args.summary_dir else "summary_dir")
+    device = common.device(cfg.get("device"), "-d" if args.device else "device")
+    from dfine.devices import amp_note
+
+    note = device is not None and amp_note(device, bool(cfg.get("use_amp")), cfg.get("amp_dtype"))
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
+
+
+@common.run_tool
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
+    check_arguments(args, cfg)
     from dfine.engine.trainer import run
-    from dfine.errors import USER_ERRORS
 
-    try:
-        return run(cfg, resume=args.resume, test_only=args.test_only)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run(cfg, resume=args.resume, test_only=args.test_only)
 
 
 if __name__ == "__main__":

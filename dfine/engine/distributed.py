@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from dfine.devices import check_device
+
 # the process-group queries live below both engine/ and evaluation/; re-exported for the engine's callers
 from dfine.utils.distributed import (  # noqa: F401
     all_gather_objects,
@@ -30,12 +32,10 @@ def resolve_device(name: str | None) -> torch.device:
     """The device for this process: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
     if not name:
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = check_device(name)  # a DeviceError (one line, listing this machine's devices) when it does not exist
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = check_device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available; use -d cpu")
         torch.cuda.set_device(device)
     return device
 
