@@ -1,3 +1,3 @@
 """Registering modules are imported here explicitly."""
 
-from dfine.data import coco, collate, synthetic, transforms  # noqa: F401  (register DATASETS, COLLATORS, TRANSFORMS)
+from dfine.data import coco, collate, synthetic, transforms, yolo  # noqa: F401  (register DATASETS, COLLATORS, TRANSFORMS)
