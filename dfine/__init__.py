@@ -8,11 +8,13 @@ Public API (stable)::
     criterion = dfine.build_criterion(cfg)
     post = dfine.build_postprocessor(cfg)
     loader = dfine.build_dataloader(cfg, "train")
+    dfine.load_pretrained(model, "dfine_n_coco")    # a released model by name (downloaded once, checked)
 """
 
 from dfine.builders import build_criterion, build_dataloader, build_model, build_postprocessor
 from dfine.checkpoint import load_checkpoint
 from dfine.config import ConfigError, dump_config, load_config
+from dfine.weights import load_pretrained
 
 __version__ = "0.1.0"
 
@@ -25,4 +27,5 @@ __all__ = [
     "dump_config",
     "load_checkpoint",
     "load_config",
+    "load_pretrained",
 ]

@@ -2,6 +2,7 @@
 
     python tools/eval.py -r output/dfine_n_demo/best.pth                 # config read from the checkpoint
     python tools/eval.py -r dfine_n_coco.pth -c configs/dfine_n_coco.yml  # reference releases carry no config
+    python tools/eval.py -r dfine_n_coco -c configs/dfine_n_coco.yml      # a released model by name (downloaded)
     torchrun --nproc_per_node=4 tools/eval.py -r best.pth -u val_dataloader.total_batch_size=64
 
 EMA weights are evaluated when the checkpoint has them. Results go to the log and to
@@ -20,7 +21,7 @@ from dfine.config import ConfigError, apply_override, load_config, resolve_refer
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-r", "--resume", required=True, help="checkpoint to evaluate")
+    parser.add_argument("-r", "--resume", required=True, help="checkpoint to evaluate, or a released model's name")
     parser.add_argument("-c", "--config", help="YAML config (default: the config stored in the checkpoint)")
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--output-dir", help="where eval.log and eval_metrics.json go (default: the checkpoint's folder)")
@@ -46,9 +47,29 @@ def config_for(args: argparse.Namespace) -> dict:
     return cfg
 
 
+def fetch_named(args: argparse.Namespace) -> None:
+    """``-r NAME`` of a released model (dfine/weights.py): the downloaded file, its config when -c is not
+    given, and output/eval_NAME rather than the download cache for the results."""
+    import os
+
+    from dfine.weights import WEIGHTS, fetch
+
+    if os.path.exists(args.resume) or args.resume not in WEIGHTS:
+        return
+    entry = WEIGHTS[args.resume]
+    if entry.kind != "detector":
+        raise ConfigError(f"{args.resume} is a backbone's weights, not a detector to evaluate")
+    if not args.config and entry.config_path() is None:
+        raise ConfigError(f"{args.resume} carries no config; pass configs/{entry.config} with -c")
+    args.config = args.config or str(entry.config_path())
+    args.output_dir = args.output_dir or str(Path("output") / f"eval_{entry.name}")
+    args.resume = str(fetch(entry))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        fetch_named(args)
         cfg = config_for(args)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
