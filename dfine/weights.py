@@ -178,9 +178,8 @@ def fetch(entry: WeightsEntry | str, cache_dir: str | os.PathLike | None = None,
             logger.info("%s: using cached %s", entry.name, path)
             try:
                 verify_shapes(entry, path)
-            except WeightsError:
-                path.unlink(missing_ok=True)  # a cache hit must not hand out the wrong model again
-                raise
+            except WeightsError as err:  # perhaps put there by hand: left in place, the user decides
+                raise WeightsError(f"{err}; delete or replace {path} (source: {entry.url})") from None
         else:
             _download(entry, path, progress)
     finally:

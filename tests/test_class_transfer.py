@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 import dfine
@@ -22,7 +23,19 @@ TARGET_NAMES = ["Blue_Triangle", "red_circle", "traffic_cone", "CHECKER_DIAMOND"
 KEPT = {0: 2, 1: 0, 3: 5}  # target label -> source label
 
 
-def _models(tmp_path, caplog):
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def transfer(tmp_path_factory):
+    """(source model, target model after load_for_tuning, its report, checkpoint path, logged text)."""
+    tmp_path = tmp_path_factory.mktemp("transfer")
     path = make_demo_checkpoint(tmp_path / "source.pth", SIZE, ALL_ANCHORS)
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["classes"]["names"] = SOURCE_NAMES
@@ -32,13 +45,20 @@ def _models(tmp_path, caplog):
     dfine.load_checkpoint(source, path)
     torch.manual_seed(5)
     target = dfine.build_model(dfine.load_config(DEMO_CONFIG, [*overrides, "num_classes=4"]), load_pretrained=False)
-    with caplog.at_level(logging.INFO, logger="dfine.engine.checkpointing"):
+    handler, log = _Collect(), logging.getLogger("dfine.engine.checkpointing")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
         report = load_for_tuning(target, path, TARGET_NAMES, "auto")
-    return source.eval(), target.eval(), report, path
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return source.eval(), target.eval(), report, path, "\n".join(handler.lines)
 
 
-def test_kept_classes_score_as_in_the_source_model(tmp_path, caplog):
-    source, target, report, _ = _models(tmp_path, caplog)
+def test_kept_classes_score_as_in_the_source_model(transfer):
+    source, target, report, _, table = transfer
     assert not report.mismatched  # every class tensor was rebuilt at the target's shape
     images = torch.rand(2, 3, *SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -52,14 +72,13 @@ def test_kept_classes_score_as_in_the_source_model(tmp_path, caplog):
             # same weights and inputs, different query order: equal up to float summation order (measured ~1e-6)
             torch.testing.assert_close(out_t["pred_logits"][b, :, t], out_s["pred_logits"][b, order, s],
                                        atol=1e-4, rtol=1e-4)
-    table = caplog.text
     for t, s in KEPT.items():
         assert f"{TARGET_NAMES[t]}" in table and f"kept   {s} ({SOURCE_NAMES[s]})" in table
     assert "traffic_cone" in table and "3 kept, 1 new" in table
 
 
-def test_rows_copied_in_every_class_head(tmp_path, caplog):
-    _, target, _, path = _models(tmp_path, caplog)
+def test_rows_copied_in_every_class_head(transfer):
+    _, target, _, path, _ = transfer
     source_state = torch.load(path, weights_only=True)["model"]
     own = target.state_dict()
     heads = [k for k in own if k.startswith(("decoder.enc_score_head.", "decoder.dec_score_head."))]
@@ -72,7 +91,7 @@ def test_rows_copied_in_every_class_head(tmp_path, caplog):
     assert not torch.equal(own["decoder.enc_score_head.weight"][2], source_state["decoder.enc_score_head.weight"][2])
 
 
-def test_class_map_none_reinitialises_every_class_row(tmp_path, caplog):
+def test_class_map_none_reinitialises_every_class_row(tmp_path):
     path = make_demo_checkpoint(tmp_path / "source.pth", SIZE)
     cfg = dfine.load_config(DEMO_CONFIG, [f"eval_spatial_size=[{SIZE[0]}, {SIZE[1]}]"])
     torch.manual_seed(5)

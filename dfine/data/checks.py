@@ -216,7 +216,7 @@ def check_yolo(data_yaml, splits=None, num_classes: int | None = None, check_ima
             stats["boxes"] += len(rows)
             stats["images without labels"] += not label.is_file()
             if check_images:
-                _check_image_file(report, image, {"file_name": str(image), "id": f"{split} {stats['images']}"})
+                _check_image_file(report, image, {"file_name": str(image), "id": f"{split} split"})
         known = {image.with_suffix("").name for image in images}
         for _, label_dir in stem_dirs:
             for label in sorted(label_dir.glob("*.txt")):
