@@ -156,3 +156,27 @@ def test_reference_state_dict_passes_the_shape_check():
     weights.verify_shapes(WEIGHTS["dfine_n_coco"], path)
     with pytest.raises(WeightsError, match="is not a dfine_s_coco checkpoint: decoder"):
         weights.verify_shapes(WEIGHTS["dfine_s_coco"], path)
+
+
+def test_eval_and_tuning_from_a_released_name(tmp_path, monkeypatch):
+    """`tools/eval.py -r NAME -c CONFIG` and `-t NAME` (load_for_tuning) fetch the release through the cache."""
+    from dfine.cli import eval as eval_tool
+    from dfine.engine.checkpointing import load_for_tuning
+    from helpers import DEMO_CONFIG, make_demo_checkpoint
+
+    release = make_demo_checkpoint(tmp_path / "dfine_demo_release.pth", (64, 64))
+    entry = weights.WeightsEntry("demo_release", release.as_uri(), "detector", DEMO_CONFIG.name, "coco")
+    monkeypatch.setitem(weights.WEIGHTS, "demo_release", entry)
+    monkeypatch.setenv("DFINE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DFINE_CACHE", str(tmp_path / "cache"))
+    code = eval_tool.main([
+        "-r", "demo_release", "-c", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "eval"), "-u",
+        "eval_spatial_size=[64, 64]", "val_dataloader.dataset.num_images=4", "val_dataloader.dataset.image_size=64",
+        "val_dataloader.num_workers=0", "device=cpu", "model.decoder.num_queries=20", "postprocessor.num_top_queries=20",
+    ])
+    assert code == 0 and (tmp_path / "eval" / "eval_metrics.json").is_file()
+    assert (tmp_path / "home" / "weights" / release.name).is_file()
+    cfg = dfine.load_config(DEMO_CONFIG, ["eval_spatial_size=[64, 64]"])
+    model = dfine.build_model(cfg, load_pretrained=False)
+    report = load_for_tuning(model, "demo_release")
+    assert not report.mismatched and not report.missing

@@ -42,6 +42,10 @@ def config_for(args: argparse.Namespace) -> dict:
         raise ConfigError(f"{args.resume} stores no config (a reference release?); pass the matching one with -c")
     for item in overrides:
         apply_override(cfg, item)
+    if any(item.startswith("data=") for item in overrides):  # another dataset for a trained model: classes must agree
+        from dfine.data.layouts import apply_data_key
+
+        apply_data_key(cfg, num_classes_set=True)
     cfg = resolve_references(cfg)
     validate_config(cfg)
     return cfg
