@@ -56,11 +56,13 @@ def fetch_named(args: argparse.Namespace) -> None:
     given, and output/eval_NAME rather than the download cache for the results."""
     import os
 
-    from dfine.weights import WEIGHTS, fetch
+    from dfine.weights import fetch, get_entry
 
-    if os.path.exists(args.resume) or args.resume not in WEIGHTS:
+    if os.path.exists(args.resume):
         return
-    entry = WEIGHTS[args.resume]
+    if args.resume.endswith((".pth", ".pt")) or os.sep in args.resume:
+        raise CheckpointError(f"checkpoint not found: {args.resume}")
+    entry = get_entry(args.resume)  # an unknown name lists the known ones
     if entry.kind != "detector":
         raise ConfigError(f"{args.resume} is a backbone's weights, not a detector to evaluate")
     if not args.config and entry.config_path() is None:
