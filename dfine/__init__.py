@@ -8,6 +8,7 @@ Public API (stable)::
     criterion = dfine.build_criterion(cfg)
     post = dfine.build_postprocessor(cfg)
     loader = dfine.build_dataloader(cfg, "train")
+    dfine.load_pretrained(model, "dfine_n_coco")    # a released model by name (downloaded once, checked)
 
 Module map (arrows point down the list: a package imports only from those below it; components.py, which
 fills the registries, and errors.py, which gathers the error types, reach up by design):
@@ -23,12 +24,14 @@ fills the registries, and errors.py, which gathers the error types, reach up by 
     layers/      building blocks shared by the models
     ops/         box conversions and overlaps
     utils/       helpers with no dfine dependency: distributed queries, drawing
-    config.py, registry.py, components.py, checkpoint.py, errors.py: configs, registries, weights, errors
+    config.py, settings.py, registry.py, components.py, checkpoint.py, errors.py: configs and their typed
+    settings, registries, checkpoint files, errors; weights.py: released weights by name; devices.py: device checks
 """
 
 from dfine.builders import build_criterion, build_dataloader, build_model, build_postprocessor
 from dfine.checkpoint import load_checkpoint
 from dfine.config import ConfigError, dump_config, load_config
+from dfine.weights import load_pretrained
 
 __version__ = "0.1.0"
 
@@ -41,4 +44,5 @@ __all__ = [
     "dump_config",
     "load_checkpoint",
     "load_config",
+    "load_pretrained",
 ]

@@ -33,6 +33,7 @@ INCLUDE_KEY = "__include__"
 # (or belongs in a section); adding a new top-level setting means adding it here, documented.
 TOP_LEVEL_KEYS: dict[str, str] = {
     "task": "what the config trains: `detection`",
+    "data": "a dataset folder (COCO, Roboflow COCO export) or YOLO data.yaml: fills the dataset paths and num_classes",
     "num_classes": "number of object classes the model predicts",
     "eval_spatial_size": "[H, W] the model is built for at evaluation (anchors and position embeddings are cached for it)",
     "remap_mscoco_category": "map contiguous labels back to COCO's 91 category ids in predictions",
@@ -63,6 +64,7 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "seed": "random seed",
     "device": "`cpu`, `cuda`, `cuda:1`, ... (default: cuda when available)",
     "tuning": "checkpoint to fine-tune from",
+    "tuning_class_map": "`auto`: keep the class-head rows of classes whose names match the checkpoint's; `none`: all new",
     "pretrained_dir": "folder searched for pretrained backbone weights before downloading",
 }
 
@@ -111,6 +113,12 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
         import_components()
     for item in overrides:
         apply_override(cfg, item)
+    if cfg.get("data"):
+        from dfine.data.layouts import apply_data_key
+
+        written = "num_classes" in _read_yaml(Path(path), ()) or any(
+            item.split("=", 1)[0].strip() == "num_classes" for item in overrides)
+        apply_data_key(cfg, num_classes_set=written)
     cfg = resolve_references(cfg)
     validate_config(cfg)
     return cfg

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import urllib.error
 
 import pytest
 import torch
@@ -184,19 +183,25 @@ def test_pretrained_false_never_touches_files_or_network(monkeypatch, tmp_path):
 
 
 def test_pretrained_unreachable_gives_an_actionable_error(monkeypatch, tmp_path):
-    def unreachable(url, dst, *args, **kwargs):
-        raise urllib.error.URLError("network is unreachable")
+    import dataclasses
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    import dfine.weights as weights
+
+    url = "http://127.0.0.1:9/PPHGNetV2_B2_stage1.pth"  # port 9 (discard): nothing answers
+    monkeypatch.setitem(weights.WEIGHTS, "hgnetv2_b2", dataclasses.replace(weights.WEIGHTS["hgnetv2_b2"], url=url))
+    monkeypatch.setenv("DFINE_HOME", str(tmp_path / "home"))
     with pytest.raises(PretrainedWeightsError) as info:
         HGNetV2("B2", pretrained=True, local_model_dir=str(tmp_path))
     message = str(info.value)
-    assert str(tmp_path / "PPHGNetV2_B2_stage1.pth") in message
-    assert "https://github.com/Peterande/storage/releases/download/dfinev1.0/PPHGNetV2_B2_stage1.pth" in message
+    assert f"put it at {tmp_path / 'home' / 'weights' / 'PPHGNetV2_B2_stage1.pth'}" in message and url in message
     assert "pretrained: false" in message and "load_pretrained=False" in message
 
 
 def test_pretrained_loads_from_local_dir_file_or_download(monkeypatch, tmp_path):
+    import dataclasses
+
+    import dfine.weights as weights
+
     torch.manual_seed(0)
     source = HGNetV2("B0", use_lab=True, freeze_norm=False, pretrained=False)
     with torch.no_grad():
@@ -212,16 +217,12 @@ def test_pretrained_loads_from_local_dir_file_or_download(monkeypatch, tmp_path)
     assert same_weights(HGNetV2("B0", use_lab=True, freeze_norm=False, local_model_dir=str(tmp_path)))
     assert same_weights(HGNetV2("B0", use_lab=True, freeze_norm=False, local_model_dir=str(saved)))
 
-    downloads = []
-
-    def fake_download(url, dst, *args, **kwargs):
-        downloads.append(url)
-        torch.save(state, dst)
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    target = tmp_path / "fresh"
-    assert same_weights(HGNetV2("B0", use_lab=True, freeze_norm=False, local_model_dir=str(target)))
-    assert downloads == [hgnetv2_module.PRETRAINED_URL.format(name="B0")] and (target / saved.name).is_file()
+    # not in local_model_dir: fetched through the weights cache (dfine/weights.py), here from a file:// URL
+    entry = dataclasses.replace(weights.WEIGHTS["hgnetv2_b0"], url=saved.as_uri())
+    monkeypatch.setitem(weights.WEIGHTS, "hgnetv2_b0", entry)
+    monkeypatch.setenv("DFINE_HOME", str(tmp_path / "home"))
+    assert same_weights(HGNetV2("B0", use_lab=True, freeze_norm=False, local_model_dir=str(tmp_path / "fresh")))
+    assert (tmp_path / "home" / "weights" / saved.name).is_file()
 
     # weights of another variant do not fit: the error names the file and how to opt out
     with pytest.raises(PretrainedWeightsError, match="PPHGNetV2_B0_stage1.pth"):

@@ -40,10 +40,12 @@ def run_tool(main: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
-def _usage(message: str) -> Exception:
+def usage_error(message: str) -> Exception:
+    """A UsageError to raise from a tool: printed as one line, exit status 2."""
     from dfine.errors import UsageError
 
     return UsageError(message)
+
 
 
 # ---- inputs
@@ -55,12 +57,12 @@ def input_file(value: str | os.PathLike | None, flag: str, suffixes: Iterable[st
         return None
     path = Path(value)
     if not path.exists():
-        raise _usage(f"{flag} {value}: no such file")
+        raise usage_error(f"{flag} {value}: no such file")
     if not path.is_file():
-        raise _usage(f"{flag} {value}: is a folder, not a file")
+        raise usage_error(f"{flag} {value}: is a folder, not a file")
     suffixes = tuple(suffixes)
     if suffixes and path.suffix.lower() not in suffixes:
-        raise _usage(f"{flag} {value}: expected a {' or '.join(suffixes)} file")
+        raise usage_error(f"{flag} {value}: expected a {' or '.join(suffixes)} file")
     return path
 
 
@@ -73,7 +75,7 @@ def checkpoint_file(value: str | os.PathLike | None, flag: str) -> Path | None:
     with open(path, "rb") as f:
         first = f.read(1)
     if not zipfile.is_zipfile(path) and first != b"\x80":
-        raise _usage(f"{flag} {value}: not a PyTorch checkpoint (truncated download, or another kind of file?)")
+        raise usage_error(f"{flag} {value}: not a PyTorch checkpoint (truncated download, or another kind of file?)")
     return path
 
 
@@ -90,9 +92,9 @@ def input_dir(value: str | os.PathLike | None, flag: str) -> Path | None:
         return None
     path = Path(value)
     if not path.exists():
-        raise _usage(f"{flag} {value}: no such folder")
+        raise usage_error(f"{flag} {value}: no such folder")
     if not path.is_dir():
-        raise _usage(f"{flag} {value}: is a file, not a folder")
+        raise usage_error(f"{flag} {value}: is a file, not a folder")
     return path
 
 
@@ -102,7 +104,7 @@ def input_file_or_dir(value: str | os.PathLike, flag: str, suffixes: Iterable[st
     if path.is_dir():
         return path
     if not path.exists():
-        raise _usage(f"{flag} {value}: no such file or folder")
+        raise usage_error(f"{flag} {value}: no such file or folder")
     return input_file(path, flag, suffixes)
 
 
@@ -120,9 +122,9 @@ def _creatable(folder: Path, flag: str, shown: str) -> None:
     """``folder`` exists as a writable folder, or can be made: its nearest existing ancestor is a writable folder."""
     probe = _first_existing(folder)
     if not probe.is_dir():
-        raise _usage(f"{flag} {shown}: cannot be created, {probe} is a file, not a folder")
+        raise usage_error(f"{flag} {shown}: cannot be created, {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise _usage(f"{flag} {shown}: {probe} is not writable")
+        raise usage_error(f"{flag} {shown}: {probe} is not writable")
 
 
 def output_dir(value: str | os.PathLike | None, flag: str) -> Path | None:
@@ -131,7 +133,7 @@ def output_dir(value: str | os.PathLike | None, flag: str) -> Path | None:
         return None
     path = Path(value)
     if path.exists() and not path.is_dir():
-        raise _usage(f"{flag} {value}: is a file; give a folder")
+        raise usage_error(f"{flag} {value}: is a file; give a folder")
     _creatable(path, flag, str(value))
     return path
 
@@ -142,9 +144,9 @@ def output_file(value: str | os.PathLike | None, flag: str) -> Path | None:
         return None
     path = Path(value)
     if path.is_dir():
-        raise _usage(f"{flag} {value}: is a folder; give a file name")
+        raise usage_error(f"{flag} {value}: is a folder; give a file name")
     if path.exists() and not os.access(path, os.W_OK):
-        raise _usage(f"{flag} {value}: exists and is not writable")
+        raise usage_error(f"{flag} {value}: exists and is not writable")
     _creatable(path.parent, flag, str(value))
     return path
 
@@ -155,19 +157,19 @@ def output_file(value: str | os.PathLike | None, flag: str) -> Path | None:
 def fraction(value: float | None, flag: str) -> float | None:
     """A value in [0, 1] (a score threshold, an IoU)."""
     if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise _usage(f"{flag} {value}: expected a value in [0, 1]")
+        raise usage_error(f"{flag} {value}: expected a value in [0, 1]")
     return value
 
 
 def at_least(value: int | float | None, flag: str, low: int | float) -> int | float | None:
     if value is not None and (not math.isfinite(value) or value < low):
-        raise _usage(f"{flag} {value}: expected a number >= {low}")
+        raise usage_error(f"{flag} {value}: expected a number >= {low}")
     return value
 
 
 def in_range(value: int | None, flag: str, low: int, high: int) -> int | None:
     if value is not None and not low <= value <= high:
-        raise _usage(f"{flag} {value}: expected an integer in [{low}, {high}]")
+        raise usage_error(f"{flag} {value}: expected an integer in [{low}, {high}]")
     return value
 
 
@@ -178,7 +180,7 @@ def image_size(values: Iterable[int] | None, flag: str, multiple: int = 32) -> l
     values = list(values)
     if not all(v > 0 and v % multiple == 0 for v in values):
         shown = " ".join(map(str, values))
-        raise _usage(f"{flag} {shown}: expected positive multiples of {multiple} (the model's largest stride)")
+        raise usage_error(f"{flag} {shown}: expected positive multiples of {multiple} (the model's largest stride)")
     return values
 
 

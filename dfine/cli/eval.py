@@ -2,6 +2,7 @@
 
     python tools/eval.py -r output/dfine_n_demo/best.pth                 # config read from the checkpoint
     python tools/eval.py -r dfine_n_coco.pth -c configs/dfine_n_coco.yml  # reference releases carry no config
+    python tools/eval.py -r dfine_n_coco -c configs/dfine_n_coco.yml      # a released model by name (downloaded)
     torchrun --nproc_per_node=4 tools/eval.py -r best.pth -u val_dataloader.total_batch_size=64
 
 EMA weights are evaluated when the checkpoint has them. Results go to the log and to
@@ -14,14 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from dfine.checkpoint import read_checkpoint
+from dfine.checkpoint import CheckpointError, read_checkpoint
 from dfine.cli import common
 from dfine.config import ConfigError, apply_override, load_config, resolve_references, validate_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-r", "--resume", required=True, help="checkpoint to evaluate")
+    parser.add_argument("-r", "--resume", required=True, help="checkpoint to evaluate, or a released model's name")
     parser.add_argument("-c", "--config", help="YAML config (default: the config stored in the checkpoint)")
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--output-dir", help="where eval.log and eval_metrics.json go (default: the checkpoint's folder)")
@@ -42,17 +43,43 @@ def config_for(args: argparse.Namespace) -> dict:
         raise ConfigError(f"{args.resume} stores no config (a reference release?); pass the matching one with -c")
     for item in overrides:
         apply_override(cfg, item)
+    if any(item.startswith("data=") for item in overrides):  # another dataset for a trained model: classes must agree
+        from dfine.data.layouts import apply_data_key
+
+        apply_data_key(cfg, num_classes_set=True)
     cfg = resolve_references(cfg)
     validate_config(cfg)
     return cfg
 
 
+def fetch_named(args: argparse.Namespace) -> None:
+    """``-r NAME`` of a released model (dfine/weights.py): the downloaded file, its config when -c is not
+    given, and output/eval_NAME rather than the download cache for the results."""
+    import os
+
+    from dfine.weights import fetch, get_entry
+
+    if os.path.exists(args.resume):
+        return
+    if args.resume.endswith((".pth", ".pt")) or os.sep in args.resume:
+        raise CheckpointError(f"checkpoint not found: {args.resume}")
+    entry = get_entry(args.resume)  # an unknown name lists the known ones
+    if entry.kind != "detector":
+        raise ConfigError(f"{args.resume} is a backbone's weights, not a detector to evaluate")
+    if not args.config and entry.config_path() is None:
+        raise ConfigError(f"{args.resume} carries no config; pass configs/{entry.config} with -c")
+    args.config = args.config or str(entry.config_path())
+    args.output_dir = args.output_dir or str(Path("output") / f"eval_{entry.name}")
+    args.resume = str(fetch(entry))
+
+
 @common.run_tool
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # before the checkpoint is read or anything is written
-    common.checkpoint_file(args.resume, "-r")
+    # before the checkpoint is read or anything is written; a released model's name is fetched first
     common.input_file(args.config, "-c")
+    fetch_named(args)
+    common.checkpoint_file(args.resume, "-r")
     common.output_dir(args.output_dir, "--output-dir")
     common.device(args.device, "-d")
     cfg = config_for(args)

@@ -187,7 +187,74 @@ def check_dataset(ann_file, img_folder, num_classes: int | None = None, remap_ms
     return report
 
 
+def check_yolo(data_yaml, splits=None, num_classes: int | None = None, check_images: bool = True) -> CheckReport:
+    """Check a YOLO dataset (dfine/data/yolo.py): every label line of ``splits`` (default: all in data.yaml) and
+    every image. Faults name ``file:line``. Never raises for a data problem."""
+    from dfine.data.yolo import label_path_for, parse_label_file, read_data_yaml, split_images
+
+    report = CheckReport(str(data_yaml))
+    try:
+        spec = read_data_yaml(data_yaml)
+    except DatasetError as err:
+        report.add("invalid data.yaml", True, str(data_yaml), str(err), "fix data.yaml (see dfine/data/yolo.py)")
+        return report
+    names = spec.names
+    stats = Counter()
+    for split in splits or list(spec.sources):
+        try:
+            images, faults = split_images(spec, split)
+        except DatasetError as err:
+            report.add("missing splits", True, str(spec.yaml_path), str(err), "add the split to data.yaml")
+            continue
+        stem_dirs = set()
+        for image in images:
+            label = label_path_for(image)
+            stem_dirs.add((image.parent, label.parent))
+            rows, label_faults = parse_label_file(label, len(names))
+            faults += label_faults
+            stats["images"] += 1
+            stats["boxes"] += len(rows)
+            stats["images without labels"] += not label.is_file()
+            if check_images:
+                _check_image_file(report, image, {"file_name": str(image), "id": f"{split} split"})
+        known = {image.with_suffix("").name for image in images}
+        for _, label_dir in stem_dirs:
+            for label in sorted(label_dir.glob("*.txt")):
+                if label.stem not in known:
+                    faults.append(_label_without_image(label))
+        for fault in faults:
+            report.add(fault.kind, fault.fatal, fault.where, fault.message, fault.hint)
+    report.stats = {"classes": len(names), **stats}
+    if num_classes is not None and len(names) != num_classes:
+        report.add("num_classes mismatch", len(names) > num_classes, str(spec.yaml_path),
+                   f"data.yaml names {len(names)} classes, num_classes is {num_classes}",
+                   f"set num_classes: {len(names)} (or leave it out with `data:`, it is then read from the data)")
+    return report
+
+
+def _label_without_image(label: Path):
+    from dfine.data.yolo import LabelFault
+
+    return LabelFault("label files without an image", False, f"{label}:1", "no image with this name in the split",
+                      "remove the file or add the image (a typo in a file name loses its boxes)")
+
+
+def check_data(path, num_classes: int | None = None, check_images: bool = True) -> list[CheckReport]:
+    """Check every split of the dataset at ``path`` (any layout of dfine/data/layouts.py), one report per
+    annotation file (COCO) or one for the YOLO data.yaml."""
+    from dfine.data.layouts import detect_layout
+
+    layout = detect_layout(path)
+    if layout.kind == "yolo":
+        return [check_yolo(layout.root, None, num_classes, check_images)]
+    return [check_dataset(s["ann_file"], s["img_folder"], num_classes, check_images=check_images)
+            for s in layout.splits.values()]
+
+
 def check_loader_dataset(dataset, num_classes: int | None, check_images: bool = True) -> CheckReport:
-    """The pre-flight check for a built CocoDetection (or SyntheticDetection), for the engine at train start."""
+    """The pre-flight check for a built CocoDetection (SyntheticDetection, YoloDetection), for the engine at
+    train start."""
+    if getattr(dataset, "data_yaml", None) is not None:
+        return check_yolo(dataset.data_yaml, [dataset.split], num_classes, check_images)
     return check_dataset(dataset.ann_file, dataset.img_folder, num_classes, dataset.remap_mscoco_category,
                          dataset.category_mapping, check_images)

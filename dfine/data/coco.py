@@ -109,8 +109,13 @@ class CocoDetection(Dataset):
         for key in ("images", "annotations", "categories"):
             if key not in coco:
                 raise DatasetError(f"{self.ann_file} has no `{key}` list; is it a COCO instances file?")
+        self._index(coco)
+
+    def _index(self, coco: dict) -> None:
+        """Category map, sorted image list and per-image annotations from a COCO dict (also used by datasets
+        that build the dict in memory from another layout, dfine/data/yolo.py)."""
         self.category_map, self.class_names_by_label = build_category_map(
-            coco["categories"], self.remap_mscoco_category, category_mapping
+            coco["categories"], self.remap_mscoco_category, self.category_mapping
         )
         self.label_to_category = {label: cat for cat, label in self.category_map.items()}
         self.images = sorted(coco["images"], key=lambda im: im["id"])

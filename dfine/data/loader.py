@@ -137,7 +137,7 @@ def check_num_classes(dataset, cfg: dict, path: str) -> None:
     needed = getattr(dataset, "num_labels", None)
     if num_classes is None or needed is None:
         return
-    ann = getattr(dataset, "ann_file", "")
+    ann = getattr(dataset, "ann_file", None) or getattr(dataset, "data_yaml", "")
     if needed > num_classes:
         raise ConfigError(
             f"{ann} needs num_classes >= {needed} (labels 0..{needed - 1} after category mapping) but the "
@@ -159,6 +159,10 @@ def build_dataloader_from_section(section: dict, path: str, cfg: dict) -> Detect
         raise ConfigError(f"`{path}.dataset` is missing")
     world_size, rank = world_info()
     batch_size = per_rank_batch_size(section, path, world_size)
+    if cfg.get("data") and path == "val_dataloader":  # once per run: train-only runs do not exist, eval-only ones do
+        from dfine.data.layouts import describe_data
+
+        logger.info("%s", describe_data(cfg["data"]))
     dataset = build_dataset(section["dataset"], f"{path}.dataset")
     check_num_classes(dataset, cfg, path)
     collate_section = dict(section.get("collate_fn") or {"type": "BatchImageCollateFunction"})

@@ -181,20 +181,43 @@ def is_class_head(name: str) -> bool:
     return name.startswith("decoder.enc_score_head.") or name.startswith("decoder.dec_score_head.")
 
 
-def load_for_tuning(model: nn.Module, path: str | os.PathLike) -> LoadReport:
-    """Fine-tuning start: weights (EMA preferred) from ``path``; classifier heads are mapped between
-    Objects365 and COCO classes; any other mis-shaped, missing or extra key is skipped and listed."""
+def load_for_tuning(model: nn.Module, path: str | os.PathLike, class_names: list[str] | None = None,
+                    class_map: str = "auto") -> LoadReport:
+    """Fine-tuning start: weights (EMA preferred) from ``path`` (a file or a released model's name, see
+    dfine/weights.py). With ``class_map: auto`` and the dataset's ``class_names``, the class-head rows of the
+    classes whose names match the checkpoint's are kept and the rest start new (dfine/engine/class_transfer.py,
+    a kept/new table is logged); ``none`` re-initialises every class row. Objects365 -> COCO (and heads without
+    names) keeps the reference's mapping of the score heads (denoising embedding re-initialised). Any other mis-shaped, missing or extra
+    key is skipped and listed."""
+    from dfine.engine import class_transfer
+    from dfine.weights import WEIGHTS, resolve_weights
+
+    if class_map not in class_transfer.CLASS_MAP_MODES:
+        raise CheckpointError(f"tuning_class_map must be one of {class_transfer.CLASS_MAP_MODES}, not {class_map!r}")
+    release = WEIGHTS.get(str(path)) if not os.path.isfile(path) else None
+    path = resolve_weights(path)
     checkpoint = read_checkpoint(path)
     state, where = extract_state_dict(checkpoint, str(path))
     own = model.state_dict()
     state = dict(state)
+    source_names = class_transfer.source_class_names(checkpoint, state, release.classes if release else None)
     mapped = []
-    for name, tensor in list(state.items()):
-        if name in own and is_class_head(name) and tensor.shape != own[name].shape:
-            adjusted = map_class_rows(own[name], tensor)
-            if adjusted is not None:
-                state[name] = adjusted
-                mapped.append(name)
+    if class_map == "none":
+        dropped = [name for name in state if class_transfer.is_class_tensor(name)]
+        state = {k: v for k, v in state.items() if k not in dropped}
+        logger.info("fine-tuning: tuning_class_map none: %d class tensors start from their initialisation", len(dropped))
+    elif class_names and source_names and not class_transfer.is_obj365_to_coco(source_names, class_names):
+        matches = class_transfer.match_classes(source_names, list(class_names))
+        state = class_transfer.transfer_class_rows(state, own, matches)
+        logger.info("fine-tuning: classes of %s (tuning_class_map: auto, names matched case-insensitively)\n%s",
+                    path, class_transfer.class_table(source_names, list(class_names), matches))
+    else:
+        for name, tensor in list(state.items()):
+            if name in own and is_class_head(name) and tensor.shape != own[name].shape:
+                adjusted = map_class_rows(own[name], tensor)
+                if adjusted is not None:
+                    state[name] = adjusted
+                    mapped.append(name)
     report = load_state_dict_checked(model, state, f"{path} [{where}]", strict=False)
     if mapped:
         logger.info("fine-tuning: mapped Objects365 <-> COCO class rows of %d tensors: %s", len(mapped), ", ".join(mapped))

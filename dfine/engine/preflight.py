@@ -19,7 +19,7 @@ def run_preflight(loaders: dict, num_classes: int | None) -> bool:
         if loader is None:
             continue
         dataset = loader.dataset
-        if getattr(dataset, "ann_file", None) is None:
+        if getattr(dataset, "ann_file", None) is None and getattr(dataset, "data_yaml", None) is None:
             logger.warning("%s data: %s has no annotation file; pre-flight check skipped", split, type(dataset).__name__)
             continue
         report = check_loader_dataset(dataset, num_classes)

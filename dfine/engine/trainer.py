@@ -70,7 +70,7 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
     # --- model
     model = dfine.build_model(cfg, load_pretrained=not (resume or test_only))
     if cfg.get("tuning") and not resume:
-        load_for_tuning(model, cfg["tuning"])
+        load_for_tuning(model, cfg["tuning"], getattr(train_loader.dataset, "class_names", None), cfg.get("tuning_class_map") or "auto")
     model.to(device)
     postprocessor = dfine.build_postprocessor(cfg).to(device)
     gt, label_to_category, classes = dataset_gt_and_labels(val_loader.dataset, postprocessor)

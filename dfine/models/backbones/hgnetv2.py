@@ -17,7 +17,6 @@ import os
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,7 +26,6 @@ from dfine.registry import BACKBONES
 
 logger = logging.getLogger(__name__)
 
-PRETRAINED_URL = "https://github.com/Peterande/storage/releases/download/dfinev1.0/PPHGNetV2_{name}_stage1.pth"
 
 # per stage: in, mid, out channels, HG blocks, downsample first, light layers, kernel size, layers per block
 ARCHS: dict[str, dict] = {
@@ -236,29 +234,19 @@ class HGNetV2(nn.Module):
         return outs
 
     def load_pretrained(self, local_model_dir: str) -> None:
-        """Load the ImageNet weights from ``local_model_dir`` or download them there (rank 0 first)."""
-        url = PRETRAINED_URL.format(name=self.name)
-        file_name = os.path.basename(url)
-        if os.path.isfile(local_model_dir):
-            path, folder = local_model_dir, os.path.dirname(local_model_dir) or "."
-        else:
-            path, folder = os.path.join(local_model_dir, file_name), local_model_dir
+        """Load the ImageNet weights: ``local_model_dir``'s copy when there is one (the reference's place),
+        else the released file through the weights cache (dfine/weights.py: downloaded once, checked)."""
+        from dfine.weights import WeightsError, fetch, get_entry
+
+        entry = get_entry(f"hgnetv2_{self.name.lower()}")
+        url, file_name = entry.url, entry.file_name
+        path = local_model_dir if os.path.isfile(local_model_dir) else os.path.join(local_model_dir, file_name)
         disable = "set `model.backbone.pretrained: false` (or `-u model.backbone.pretrained=false`, or build_model(..., load_pretrained=False))"
         if not os.path.isfile(path):
-            distributed = dist.is_available() and dist.is_initialized()
-            if not distributed or dist.get_rank() == 0:
-                logger.info("HGNetV2-%s: downloading pretrained weights from %s to %s", self.name, url, folder)
-                try:
-                    os.makedirs(folder, exist_ok=True)
-                    torch.hub.download_url_to_file(url, path, progress=False)
-                except Exception as err:  # noqa: BLE001 - any failure gets the same actionable message
-                    raise PretrainedWeightsError(
-                        f"HGNetV2-{self.name}: pretrained weights not found at {path} and the download from {url} "
-                        f"failed ({type(err).__name__}: {err}). Download the file by hand into {folder}, point "
-                        f"`model.backbone.local_model_dir` at it, or {disable}."
-                    ) from err
-            if distributed:
-                dist.barrier()
+            try:
+                path = str(fetch(entry))
+            except WeightsError as err:
+                raise PretrainedWeightsError(f"HGNetV2-{self.name}: {err}; or {disable}") from None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             self.load_state_dict(state)

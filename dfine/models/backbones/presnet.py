@@ -36,14 +36,6 @@ STAGE_WIDTHS = (64, 128, 256, 512)
 STAGE_STRIDES = (4, 8, 16, 32)
 VARIANTS = ("a", "b", "c", "d")
 
-# ImageNet weights converted from PaddleClas by the RT-DETR authors (the reference's download table).
-PRETRAINED_URLS = {
-    18: "https://github.com/lyuwenyu/storage/releases/download/v0.1/ResNet18_vd_pretrained_from_paddle.pth",
-    34: "https://github.com/lyuwenyu/storage/releases/download/v0.1/ResNet34_vd_pretrained_from_paddle.pth",
-    50: "https://github.com/lyuwenyu/storage/releases/download/v0.1/ResNet50_vd_ssld_v2_pretrained_from_paddle.pth",
-    101: "https://github.com/lyuwenyu/storage/releases/download/v0.1/ResNet101_vd_ssld_pretrained_from_paddle.pth",
-}
-
 
 def make_shortcut(in_channels: int, out_channels: int, stride: int, variant: str) -> nn.Module:
     """1x1 conv-BN projection; for variant 'd' a downsampling one averages 2x2 cells first (keys ``pool``, ``conv``)."""
@@ -130,7 +122,7 @@ class PResNet(nn.Module):
             (requires_grad=False).
         freeze_norm: replace every BatchNorm by a FrozenBatchNorm2d (fixed statistics and affine).
         pretrained: False (nothing is read or downloaded), True (the reference's ImageNet weights for this
-            depth, downloaded once into the torch hub cache), a URL, or the path of a local .pth file.
+            depth, downloaded once into $DFINE_HOME/weights, see dfine/weights.py), a URL, or a local .pth file.
     """
 
     def __init__(
@@ -200,9 +192,16 @@ class PResNet(nn.Module):
 
     def load_pretrained(self, pretrained: bool | str) -> None:
         """Load ImageNet weights: True -> the reference URL for this depth, else a URL or a local file."""
-        source = PRETRAINED_URLS[self.depth] if pretrained is True else str(pretrained)
         disable = ("set `model.backbone.pretrained: false` (or `-u model.backbone.pretrained=false`, "
                    "or build_model(..., load_pretrained=False))")
+        if pretrained is True:  # the released file through the weights cache (dfine/weights.py), checked
+            from dfine.weights import WeightsError, fetch
+
+            try:
+                pretrained = str(fetch(f"presnet{self.depth}vd"))
+            except WeightsError as err:
+                raise PretrainedWeightsError(f"PResNet{self.depth}: {err}; or {disable}") from None
+        source = str(pretrained)
         is_url = source.startswith(("http://", "https://"))
         try:
             if is_url:
