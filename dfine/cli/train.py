@@ -3,6 +3,7 @@
     python tools/train.py -c configs/dfine_n_demo.yml
     torchrun --nproc_per_node=8 tools/train.py -c configs/dfine_x_coco.yml --use-amp
     python tools/train.py -c configs/dfine_n_coco.yml --print-config -u epochs=3
+    dfine train -c configs/dfine_n_demo.yml -r auto      # resume output_dir/last.pth when there is one
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dfine.config import ConfigError, config_to_yaml, load_config
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="YAML config file")
-    parser.add_argument("-r", "--resume", help="checkpoint to resume training from (everything is restored)")
+    parser.add_argument("-r", "--resume", help="checkpoint to resume training from (everything is restored); `auto`: output_dir/last.pth when it exists, else a fresh start")
     parser.add_argument("-t", "--tuning", help="weights to fine-tune from (mismatched shapes are skipped and listed)")
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--seed", type=int, help="random seed")
@@ -55,11 +56,13 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
+    from dfine.engine.checkpointing import resolve_resume
     from dfine.engine.trainer import run
     from dfine.errors import USER_ERRORS
 
     try:
-        return run(cfg, resume=args.resume, test_only=args.test_only)
+        resume = resolve_resume(args.resume, cfg.get("output_dir") or "output", cfg)
+        return run(cfg, resume=resume, test_only=args.test_only)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
