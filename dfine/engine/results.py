@@ -163,7 +163,7 @@ def plot_results(rows: list[dict], path: str | os.PathLike, boundaries: list[tup
         ax.set_xlim(0, right + 0.5)
         ax.set_xlabel("epochs completed")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left" if ax is ax_loss else "lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
