@@ -101,7 +101,15 @@ class ResultsTable:
             writer = csv.DictWriter(f, fieldnames=self.fieldnames or [], extrasaction="ignore", restval="")
             writer.writeheader()
             writer.writerows(rows)
+        _readable(tmp)
         os.replace(tmp, self.path)
+
+
+def _readable(tmp: str) -> None:
+    """mkstemp makes 0600 files; results are for everyone the umask allows, like any other file written here."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
 
 
 def _epoch_of(row: dict) -> int | None:
@@ -153,8 +161,12 @@ def plot_results(rows: list[dict], path: str | os.PathLike, boundaries: list[tup
         ax_ap.plot(best[-1], _float(rows[x.index(best[-1])].get("AP")), "*", ms=14, color="gold", mec="k", label="best (best.pth)")
     ax_ap.set_title("validation (EMA model)")
     right = max([epochs or 0, *x, 1])
+    merged: dict[float, list[str]] = {}  # boundaries at the same epoch share one line
+    for where, label in boundaries:
+        merged.setdefault(float(where), []).append(label)
     for ax in (ax_loss, ax_ap):
-        for where, label in boundaries:
+        for where, labels in merged.items():
+            label = " / ".join(labels)
             ax.axvline(where, color="0.4", ls="--", lw=1)
             ax.annotate(label, (where, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=8, color="0.3")
         no_aug = [w for w, label in boundaries if label == "no-augmentation"]
@@ -169,6 +181,7 @@ def plot_results(rows: list[dict], path: str | os.PathLike, boundaries: list[tup
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
+        _readable(tmp)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
