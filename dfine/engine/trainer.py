@@ -101,8 +101,8 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
     start_epoch, state, best, checkpoint = 0, TrainState(), {}, None
     if resume:
         checkpoint = read_checkpoint(resume)
-        if finished_by_early_stopping(checkpoint):
-            logger.info("%s is the end of a run that stopped early (%s): nothing to do", resume, finished_by_early_stopping(checkpoint))
+        if cfg.get("early_stopping") and finished_by_early_stopping(checkpoint):
+            logger.info("%s ends a run that stopped early (%s): nothing to do (early_stopping: null trains on)", resume, finished_by_early_stopping(checkpoint))
             return 0
         restored = restore_training_state(
             checkpoint, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
