@@ -277,3 +277,25 @@ def test_real_loggers_in_local_mode_match_metrics_json(tmp_path, monkeypatch):
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "Test/AP"))
     assert history == [(e["epoch"], e["eval"]["stats"]["AP"]) for e in metrics["epochs"]]
     assert (out / "wandb" / "run_id").is_file() and list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_phase_boundaries_and_plot(tmp_path):
+    import warnings
+    from types import SimpleNamespace
+
+    from dfine.engine.phases import PhaseSchedule
+    from dfine.engine.results import phase_boundaries, plot_results
+
+    schedule = PhaseSchedule(epochs=10, stop_epoch=8, warmup_steps=30, steps_per_epoch=20)
+    loader = SimpleNamespace(
+        dataset=SimpleNamespace(transforms=SimpleNamespace(policy={"name": "stop_epoch", "epoch": 6, "ops": ["Mosaic"]})),
+        collate_fn=SimpleNamespace(scales=[512, 544], stop_epoch=7),
+    )
+    assert phase_boundaries(schedule, loader) == [
+        (1.5, "warm-up ends"), (6.0, "policy ops off: Mosaic"), (7.0, "multi-scale off"), (8.0, "no-augmentation"),
+    ]
+    rows = [{"epoch": str(e), "train/loss": str(3 - 0.1 * e), "AP": str(0.1 * e), "AP50": str(0.2 * e), "best": "1"} for e in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a collapsed layout from a label far off the axes
+        path = plot_results(rows, tmp_path / "results.png", [(50.0, "warm-up ends"), (2.0, "no-augmentation")], epochs=3)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -163,7 +163,8 @@ def plot_results(rows: list[dict], path: str | os.PathLike, boundaries: list[tup
     right = max([epochs or 0, *x, 1])
     merged: dict[float, list[str]] = {}  # boundaries at the same epoch share one line
     for where, label in boundaries:
-        merged.setdefault(float(where), []).append(label)
+        if where <= right:  # e.g. a warm-up longer than the run: a label off the axes would collapse the layout
+            merged.setdefault(float(where), []).append(label)
     for ax in (ax_loss, ax_ap):
         for where, labels in merged.items():
             label = " / ".join(labels)
