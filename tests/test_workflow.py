@@ -106,6 +106,10 @@ def test_auto_resume_refuses_another_models_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: -r auto:") and str(out / "last.pth") in err and "another model" in err
+    torch.save({"model": other.state_dict()}, out / "last.pth")  # weights only: nothing to resume
+    assert dfine_main(["train", "-c", str(DEMO_CONFIG), "-r", "auto", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out / "last.pth") in err and "not a training checkpoint" in err
 
 
 # ---------------------------------------------------------------- early stopping and time budget
