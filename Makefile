@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,onnx,hf
+EXTRAS ?= test,onnx,hf,loggers
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: setup test demo clean
@@ -19,7 +19,7 @@ test: setup
 	$(PY) -m pytest tests -q
 
 demo: setup
-	$(PY) tools/train.py -c configs/dfine_n_demo.yml
+	$(VENV)/bin/dfine train -c configs/dfine_n_demo.yml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -22,6 +22,8 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2"],
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         "hf": ["transformers>=4.48", "safetensors>=0.4"],
+        "loggers": ["wandb>=0.19", "mlflow-skinny>=2.20"],
     },
+    entry_points={"console_scripts": ["dfine=dfine.cli.__main__:main"]},
     license="Apache-2.0",
 )

@@ -79,6 +79,15 @@ def checkpoint_file(value: str | os.PathLike | None, flag: str) -> Path | None:
     return path
 
 
+def weights_file(value: str | os.PathLike | None, flag: str) -> Path | str | None:
+    """A checkpoint file, or the name of a released model (dfine/weights.py; fetched later, when it is needed)."""
+    from dfine.weights import WEIGHTS
+
+    if value is not None and not os.path.exists(value) and str(value) in WEIGHTS:
+        return str(value)
+    return checkpoint_file(value, flag)
+
+
 def config_file(value: str | os.PathLike | None, flag: str) -> Path | None:
     """A YAML config, or a checkpoint (.pth, .pt) that carries one."""
     if value is not None and Path(value).suffix.lower() in (".pth", ".pt"):

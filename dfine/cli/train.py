@@ -3,6 +3,7 @@
     python tools/train.py -c configs/dfine_n_demo.yml
     torchrun --nproc_per_node=8 tools/train.py -c configs/dfine_x_coco.yml --use-amp
     python tools/train.py -c configs/dfine_n_coco.yml --print-config -u epochs=3
+    dfine train -c configs/dfine_n_demo.yml -r auto      # resume output_dir/last.pth when there is one
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dfine.config import config_to_yaml, load_config
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="YAML config file")
-    parser.add_argument("-r", "--resume", help="checkpoint to resume training from (everything is restored)")
+    parser.add_argument("-r", "--resume", help="checkpoint to resume training from (everything is restored); `auto`: output_dir/last.pth when it exists, else a fresh start")
     parser.add_argument("-t", "--tuning", help="weights to fine-tune from (mismatched shapes are skipped and listed)")
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--seed", type=int, help="random seed")
@@ -48,8 +49,9 @@ def config_from_args(args: argparse.Namespace) -> dict:
 
 def check_arguments(args: argparse.Namespace, cfg: dict) -> None:
     """Inputs exist, outputs can be written, the device exists: before any data or model is touched."""
-    common.checkpoint_file(args.resume, "-r")
-    common.checkpoint_file(cfg.get("tuning"), "-t" if args.tuning else "tuning")
+    if args.resume != "auto":  # auto: output_dir/last.pth when there is one (checked by resolve_resume)
+        common.checkpoint_file(args.resume, "-r")
+    common.weights_file(cfg.get("tuning"), "-t" if args.tuning else "tuning")
     common.output_dir(cfg.get("output_dir"), "--output-dir" if args.output_dir else "output_dir")
     common.output_dir(cfg.get("summary_dir"), "--summary-dir" if args.summary_dir else "summary_dir")
     device = common.device(cfg.get("device"), "-d" if args.device else "device")
@@ -68,9 +70,11 @@ def main(argv=None) -> int:
         print(config_to_yaml(cfg), end="")
         return 0
     check_arguments(args, cfg)
+    from dfine.engine.checkpointing import resolve_resume
     from dfine.engine.trainer import run
 
-    return run(cfg, resume=args.resume, test_only=args.test_only)
+    resume = resolve_resume(args.resume, cfg.get("output_dir") or "output", cfg)
+    return run(cfg, resume=resume, test_only=args.test_only)
 
 
 if __name__ == "__main__":

@@ -223,3 +223,49 @@ def load_for_tuning(model: nn.Module, path: str | os.PathLike, class_names: list
         logger.info("fine-tuning: mapped Objects365 <-> COCO class rows of %d tensors: %s", len(mapped), ", ".join(mapped))
     logger.info("fine-tuning from %s\n%s", path, report.describe())
     return report
+
+
+def resolve_resume(resume: str | None, output_dir: str | os.PathLike, cfg: dict) -> str | None:
+    """The checkpoint a training resumes from. ``-r auto`` (for job schedulers that re-launch the same command):
+    ``output_dir/last.pth`` when it exists, else None (a fresh start); any other value is returned unchanged.
+
+    An ``auto`` checkpoint must be one this config's model can resume: a file of another model (other keys or
+    shapes), or one without training state, raises CheckpointError naming the file."""
+    if resume != "auto":
+        return resume
+    path = Path(output_dir) / "last.pth"
+    if not path.is_file():
+        logger.info("-r auto: no %s yet, starting a fresh training", path)
+        return None
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict) or checkpoint.get("last_epoch") is None:
+        raise CheckpointError(f"-r auto: {path} is not a training checkpoint (no model/last_epoch); move it away or pick another output_dir")
+    differences = _weights_that_do_not_fit(checkpoint["model"], cfg)
+    if differences:
+        raise CheckpointError(
+            f"-r auto: {path} holds a checkpoint of another model ({len(differences)} weights differ, e.g. {differences[0]}); "
+            f"use another output_dir, or resume that run with its own config"
+        )
+    logger.info("-r auto: resuming from %s (epoch %s done)", path, checkpoint["last_epoch"])
+    return str(path)
+
+
+def _weights_that_do_not_fit(state: dict, cfg: dict) -> list[str]:
+    """Keys missing, extra or mis-shaped between a checkpoint's model weights and the model ``cfg`` builds (built
+    on the meta device: no memory, no initialisation cost). Size-dependent buffers the model recomputes are ignored."""
+    import dfine
+    from dfine.checkpoint import RECOMPUTED_BUFFERS
+
+    try:
+        with torch.device("meta"):
+            own = dfine.build_model(cfg, load_pretrained=False).state_dict()
+    except (NotImplementedError, RuntimeError):  # an op without a meta kernel: build it for real
+        own = dfine.build_model(cfg, load_pretrained=False).state_dict()
+    problems = [f"`{k}` missing" for k in own if k not in state]
+    problems += [f"`{k}` unexpected" for k in state if k not in own]
+    problems += [
+        f"`{k}` {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape) and not k.endswith(RECOMPUTED_BUFFERS)
+    ]
+    return problems

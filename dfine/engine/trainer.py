@@ -18,8 +18,10 @@ from dfine.engine import distributed as dist_utils
 from dfine.engine.build import amp_settings, build_ema, build_optimizer, build_schedulers, warmup_steps
 from dfine.engine.checkpointing import atomic_save, load_for_tuning, restore_training_state, training_state
 from dfine.engine.ema import unwrap
+from dfine.engine.loggers import ExperimentLoggers
 from dfine.engine.logs import setup_logging
 from dfine.engine.loop import StepSettings, TrainState, evaluate, train_one_epoch
+from dfine.engine.monitor import TrainingMonitor, finished_by_early_stopping, validate_workflow_config
 from dfine.engine.optim import describe_param_groups
 from dfine.engine.phases import PhaseSchedule
 from dfine.engine.preflight import run_preflight
@@ -57,6 +59,8 @@ def run(cfg: dict, resume: str | None = None, test_only: bool = False) -> int:
 
 def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: str | None, test_only: bool) -> int:
     main = dist_utils.is_main_process()
+    if not test_only:
+        validate_workflow_config(cfg)  # early_stopping, time_limit, loggers: before anything is built
     if main and not test_only:
         dump_config(cfg, output_dir / "config.yml")
         logger.info("resolved config written to %s", output_dir / "config.yml")
@@ -94,10 +98,14 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
     ema = build_ema(cfg, model)
 
     # --- resume
-    start_epoch, state, best = 0, TrainState(), {}
+    start_epoch, state, best, checkpoint = 0, TrainState(), {}, None
     if resume:
+        checkpoint = read_checkpoint(resume)
+        if cfg.get("early_stopping") and finished_by_early_stopping(checkpoint):
+            logger.info("%s ends a run that stopped early (%s): nothing to do (early_stopping: null trains on)", resume, finished_by_early_stopping(checkpoint))
+            return 0
         restored = restore_training_state(
-            read_checkpoint(resume), model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            checkpoint, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
             lr_warmup_scheduler=lr_warmup_scheduler, scaler=scaler, source=resume,
         )
         start_epoch, state.global_step, best = restored["last_epoch"] + 1, restored["global_step"], restored["best"]
@@ -113,13 +121,16 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
     )
     logger.info("optimizer %s, parameter groups:\n%s", type(optimizer).__name__, describe_param_groups(optimizer))
     logger.info("training schedule:\n%s", schedule.table())
-    writer = _summary_writer(cfg, output_dir) if dist_utils.is_main_process() else None
+    writer = ExperimentLoggers(cfg, output_dir, resume=bool(resume)) if dist_utils.is_main_process() else None
     metrics = MetricsLog(output_dir / "metrics.json", resume=bool(resume))
+    monitor = TrainingMonitor(cfg, output_dir, schedule, train_loader, start_epoch, checkpoint, dist_utils.is_main_process())
+    del checkpoint
     per_epoch_scheduler = lr_scheduler is not None and not getattr(lr_scheduler, "step_per_iteration", False)
 
     for epoch in range(start_epoch, schedule.epochs):
         seed_everything(epoch_seed(seed, epoch, dist_utils.get_rank()))
         train_loader.set_epoch(epoch)
+        monitor.start_epoch()
         if schedule.is_switch_epoch(epoch):
             enter_no_augmentation_phase(
                 epoch, train_loader, ema, model, optimizer, output_dir,
@@ -138,10 +149,12 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
         is_best = result.ap > best.get("ap", -1.0)
         if is_best:
             best = {"ap": result.ap, "epoch": epoch}
+        stop = monitor.after_evaluation(epoch, result, device)  # (by, reason) when the run ends after this epoch
         if dist_utils.is_main_process():
             log_eval_result(result, epoch, writer)
             metrics.add(epoch, train_stats, result, best, schedule.phase(epoch))
-            if epoch == schedule.epochs - 1:  # visual reports of the final model, also to TensorBoard
+            monitor.record(epoch, optimizer, train_stats, result, is_best, stop)
+            if epoch == schedule.epochs - 1 or stop:  # visual reports of the final model, also to TensorBoard
                 from dfine.evaluation.reports import write_reports_for_dataset
 
                 write_reports_for_dataset(result, evaluator.gt, val_loader.dataset, output_dir / "reports", writer, epoch)
@@ -150,6 +163,7 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
                 model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_scheduler=lr_warmup_scheduler,
                 scaler=scaler, last_epoch=epoch, global_step=state.global_step, config=cfg, classes=classes, best=best,
             )
+            ckpt.update(monitor.checkpoint_entries(epoch, stop))
             atomic_save(ckpt, output_dir / "last.pth")
             if is_best:
                 atomic_save(ckpt, output_dir / "best.pth")
@@ -158,11 +172,15 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
                 atomic_save(ckpt, output_dir / f"checkpoint{epoch:04d}.pth")
             logger.info("epoch %d: AP %.4f (best %.4f at epoch %d); checkpoints in %s", epoch, result.ap, best["ap"], best["epoch"], output_dir)
         dist_utils.barrier()
+        if stop:
+            logger.info("%s (checkpoints saved; best model: %s)", stop[1], output_dir / "best.pth")
+            break
 
     if dist_utils.is_main_process():
         if writer is not None:
             writer.close()
         _after_training(cfg, model, ema, postprocessor, val_loader, device, output_dir)
+        logger.info(monitor.closing_lines(best))
     return 0
 
 
