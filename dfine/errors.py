@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dfine.checkpoint import CheckpointError
 from dfine.data.coco import DatasetError
+from dfine.engine.distributed import CollectiveTimeout
 from dfine.engine.loop import NonFiniteLossError
 from dfine.models.backbones.hgnetv2 import PretrainedWeightsError
 from dfine.registry import ConfigError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, CheckpointError, DatasetError, PretrainedWeightsError, NonFiniteLossError,
+    ConfigError, CheckpointError, DatasetError, PretrainedWeightsError, NonFiniteLossError, CollectiveTimeout,
 )

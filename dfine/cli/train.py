@@ -2,6 +2,10 @@
 
     python tools/train.py -c configs/dfine_n_demo.yml
     torchrun --nproc_per_node=8 tools/train.py -c configs/dfine_x_coco.yml --use-amp
+    torchrun --nproc_per_node=8 --max-restarts=3 tools/train.py -c configs/dfine_x_coco.yml -r auto
+
+Exit codes: 0 done, 2 a user error (one line on stderr), 3 the dataset pre-flight check failed, 75 stopped by
+SIGTERM/SIGUSR1 after saving last.pth (resume with -r auto).
     python tools/train.py -c configs/dfine_n_coco.yml --print-config -u epochs=3
 """
 
@@ -16,7 +20,8 @@ from dfine.config import ConfigError, config_to_yaml, load_config
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="YAML config file")
-    parser.add_argument("-r", "--resume", help="checkpoint to resume training from (everything is restored)")
+    parser.add_argument("-r", "--resume", help="checkpoint to resume training from (everything is restored); "
+                        "`auto`: output_dir/last.pth when it exists, else a fresh start (for restarts and requeues)")
     parser.add_argument("-t", "--tuning", help="weights to fine-tune from (mismatched shapes are skipped and listed)")
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--seed", type=int, help="random seed")
@@ -55,11 +60,13 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
+    from dfine.engine.checkpointing import resolve_resume
     from dfine.engine.trainer import run
     from dfine.errors import USER_ERRORS
 
     try:
-        return run(cfg, resume=args.resume, test_only=args.test_only)
+        resume = resolve_resume(args.resume, cfg.get("output_dir") or "output", cfg)
+        return run(cfg, resume=resume, test_only=args.test_only)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
