@@ -7,8 +7,8 @@ Layout (a superset of the reference solver's, so reference tools read ours and w
      "epoch_position", "unreadable_samples"}
 
 ``last_epoch`` is the last finished epoch (the next run starts at ``last_epoch + 1``). A step checkpoint
-(``checkpoint_every_steps``) also holds ``epoch_position`` (``EpochProgress.as_dict()`` plus ``world_size`` and
-``batch_size``): the run resumes inside that epoch, at its next batch. Everything is plain
+(``checkpoint_every_steps``) also holds ``epoch_position`` (``EpochProgress.as_dict()`` plus ``world_size``,
+``batch_size`` and ``rng_per_rank``): the run resumes inside that epoch, at its next batch (step_checkpoint.py). Everything is plain
 tensors, numbers, strings, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it.
 """
 

@@ -59,9 +59,10 @@ def init_distributed(device: torch.device, timeout_minutes: float = 30) -> bool:
     return True
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(wait_for_others: bool = True) -> None:
     if is_distributed():
-        dist.barrier()
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
 
 

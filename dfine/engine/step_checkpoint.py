@@ -16,7 +16,7 @@ from typing import Callable
 
 from dfine.checkpoint import CheckpointError
 from dfine.engine import distributed as dist_utils
-from dfine.engine.checkpointing import CheckpointWriteError, atomic_save
+from dfine.engine.checkpointing import CheckpointWriteError, atomic_save, capture_rng_state
 from dfine.engine.loop import EpochProgress
 
 logger = logging.getLogger(__name__)
@@ -48,25 +48,30 @@ class StepCheckpointer:
         due = self.every_steps > 0 and self.state.global_step % self.every_steps == 0
         if not (due or stop):
             return
-        position = {**progress.as_dict(), "world_size": dist_utils.get_world_size(), "batch_size": self.batch_size}
+        # every rank's generators (DDP ranks draw their own denoising noise); the checkpoint's "rng" is rank 0's
+        rng_per_rank = dist_utils.all_gather_objects(capture_rng_state())
+        position = {**progress.as_dict(), "world_size": dist_utils.get_world_size(), "batch_size": self.batch_size,
+                    "rng_per_rank": rng_per_rank}
         save_on_main(lambda: atomic_save(self.make_state(position), self.path))
         if stop or logger.isEnabledFor(logging.DEBUG):
             logger.log(logging.WARNING if stop else logging.DEBUG, "step %d (epoch %d, batch %d): %s written",
                        self.state.global_step, progress.epoch, progress.batch, self.path)
 
 
-def resume_position(position: dict | None, batch_size: int, source: str) -> EpochProgress | None:
-    """The position to resume inside an epoch (None for an epoch-end checkpoint). It fits only the same number of
-    ranks and batch size: the sampler's shards and the batch boundaries depend on both."""
+def resume_position(position: dict | None, batch_size: int, source: str) -> tuple[EpochProgress | None, dict | None]:
+    """(the position to resume inside an epoch, this rank's generator states to restore once that epoch's data
+    iterator exists), or (None, None) for an epoch-end checkpoint. A position fits only the same number of ranks
+    and batch size: the sampler's shards and the batch boundaries depend on both."""
     if not position:
-        return None
+        return None, None
     world_size = dist_utils.get_world_size()
     if position.get("world_size") != world_size or position.get("batch_size") != batch_size:
         raise CheckpointError(
             f"{source} was saved inside epoch {position.get('epoch')} by {position.get('world_size')} processes with "
             f"batch {position.get('batch_size')} each; resume it with the same (now {world_size} x {batch_size})"
         )
-    return EpochProgress(
+    progress = EpochProgress(
         epoch=int(position["epoch"]), batch=int(position["batch"]), loss_sums=dict(position["loss_sums"]),
         loss_count=int(position["loss_count"]), unreadable_samples=int(position.get("unreadable_samples", 0)),
     )
+    return progress, position["rng_per_rank"][dist_utils.get_rank()]

@@ -51,14 +51,19 @@ def run(cfg: dict, resume: str | None = None, test_only: bool = False) -> int:
     setup_logging(output_dir, rank, "eval.log" if test_only else "train.log")
     seed = int(cfg.get("seed") or 0)
     seed_everything(seed + rank)
+    together = False  # every rank leaves at the same point: wait for the others before leaving the group
     try:
         with preemption.StopSignalHandler():
-            return _run(cfg, device, output_dir, seed, resume, test_only)
+            code = _run(cfg, device, output_dir, seed, resume, test_only)
+        together = True
+        return code
     except preemption.Preempted as stop:
+        together = True
         logger.warning("%s; last.pth holds it: resume with -r auto (exit code %d)", stop, preemption.PREEMPTED_EXIT_CODE)
         return preemption.PREEMPTED_EXIT_CODE
     finally:
-        dist_utils.cleanup_distributed()
+        # after an error a peer may be gone: a barrier would wait for it until the collective timeout
+        dist_utils.cleanup_distributed(wait_for_others=together)
 
 
 def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: str | None, test_only: bool) -> int:
@@ -111,9 +116,9 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
         )
         start_epoch, state.global_step, best = restored["last_epoch"] + 1, restored["global_step"], restored["best"]
         state.unreadable_samples = restored["unreadable_samples"]
-        position = resume_position(restored["epoch_position"], batch_size, resume)
+        position, resume_rng = resume_position(restored["epoch_position"], batch_size, resume)
         if position is not None:
-            start_epoch, resume_rng = position.epoch, checkpoint["rng"]
+            start_epoch = position.epoch
         del checkpoint
         logger.info("resumed from %s: epoch %d%s, optimizer step %d", resume, start_epoch,
                     f" at batch {position.batch}" if position else "", state.global_step)
