@@ -31,7 +31,7 @@ SIZE = 96  # multi-scale draws 64 or 96: 20 or 45 anchors for 10 queries
 STEPS_PER_EPOCH, EPOCHS = 3, 2
 
 
-def overrides(output_dir: Path, extra=(), images: int = 6, batch: int = 2) -> list[str]:
+def overrides(output_dir: Path, extra=(), images: int = 3, batch: int = 1) -> list[str]:
     """-u overrides of configs/dfine_n_demo.yml: 2 epochs (the second without augmentation, after the phase
     switch) of 3 steps, multi-scale on, one loader worker, a step checkpoint every 2 steps (so at step 2 inside
     epoch 0, step 4 inside epoch 1, and at both epochs' ends)."""
@@ -47,6 +47,11 @@ def overrides(output_dir: Path, extra=(), images: int = 6, batch: int = 2) -> li
         f"train_dataloader.collate_fn.base_size={SIZE}", "train_dataloader.collate_fn.base_size_repeat=1",
         *extra,
     ]
+
+
+# for the tests that need no exact replay: 64 px, single scale (a third of the compute)
+SMALL = ["eval_spatial_size=[64, 64]", "train_dataloader.dataset.image_size=64", "val_dataloader.dataset.image_size=64",
+         "train_dataloader.collate_fn.base_size=64", "train_dataloader.collate_fn.base_size_repeat=null"]
 
 
 def train(output_dir: Path, extra=(), resume: str | None = None, **kwargs) -> int:
@@ -165,7 +170,7 @@ def test_an_image_deleted_mid_run_stops_naming_it_or_is_skipped_and_counted(tmp_
     """Through a loader worker process, where a raised error would come back as a traceback."""
     monkeypatch.setenv("DFINE_CACHE", str(tmp_path / "cache"))  # a private copy of the data: a file gets deleted
     out = tmp_path / "run"
-    extra = ["epochs=1", "stop_epoch=1", "train_dataloader.dataset.num_images=8", f"skip_bad_samples={str(skip).lower()}"]
+    extra = [*SMALL, "epochs=1", "stop_epoch=1", "train_dataloader.dataset.num_images=4", f"skip_bad_samples={str(skip).lower()}"]
     victim = last_batch_image(out, extra)
     # at the first step the worker has been asked for batches 0..2 only (prefetch 2): batch 3 is read later
     fault_at_step(monkeypatch, 1, victim.unlink)
@@ -205,7 +210,7 @@ def test_a_full_disk_during_a_run_keeps_the_previous_checkpoint_and_stops_with_o
 
     monkeypatch.setattr(checkpointing.torch, "save", save)
     capsys.readouterr()
-    code = train(out, ["epochs=1", "stop_epoch=1", "train_dataloader.num_workers=0"])
+    code = train(out, [*SMALL, "epochs=1", "stop_epoch=1", "train_dataloader.num_workers=0"])
     err = capsys.readouterr().err
     monkeypatch.undo()
     line = last_line(err)
@@ -244,11 +249,11 @@ def test_resolve_resume_auto(tmp_path):
         checkpointing.resolve_resume("auto", tmp_path, {"model": {"type": "B"}})
 
 
-def torchrun(out: Path, *args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun(out: Path, *args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args,
         str(REPO / "tests" / "fault_launch.py"), "-c", str(REPO / "configs" / "dfine_n_demo.yml"), "-r", "auto",
-        "-u", *overrides(out, images=12, batch=4),
+        "-u", *overrides(out, images=6, batch=2),
     ]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -263,7 +268,7 @@ def test_torchrun_elastic_restart_after_a_sigkill_equals_the_uninterrupted_two_p
     fault = {**cache, "DFINE_TEST_FAULT": "sigkill", "DFINE_TEST_FAULT_STEP": str(step), "DFINE_TEST_FAULT_RANK": "1"}
     elastic = torchrun(tmp_path / "elastic", "--max-restarts=1", env=fault)
     assert elastic.returncode == 0, f"killed at step {step}\n" + elastic.stderr[-3000:]
-    assert "Signals.SIGKILL" in elastic.stderr or "SIGKILL" in elastic.stderr, f"the worker was not killed (step {step})"
     log = (tmp_path / "elastic" / "train.log").read_text()
+    assert log.count("resolved config written") == 2, f"no elastic restart (killed at step {step})"
     assert ("resumed from" in log) == (step > 2), f"killed at step {step}"  # before step 3 there is no checkpoint
     assert_same_final_state(tmp_path / "elastic", tmp_path / "full")
