@@ -8,6 +8,7 @@ from __future__ import annotations
 from dfine.checkpoint import CheckpointError
 from dfine.data.coco import DatasetError
 from dfine.devices import DeviceError
+from dfine.engine.distributed import CollectiveTimeout
 from dfine.engine.loop import NonFiniteLossError
 from dfine.models.backbones.common import PretrainedWeightsError
 from dfine.registry import ConfigError
@@ -20,4 +21,5 @@ class UsageError(ValueError):
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, CheckpointError, DatasetError, PretrainedWeightsError, NonFiniteLossError, DeviceError, UsageError,
+    CollectiveTimeout,
 )

@@ -2,8 +2,12 @@
 
     python tools/train.py -c configs/dfine_n_demo.yml
     torchrun --nproc_per_node=8 tools/train.py -c configs/dfine_x_coco.yml --use-amp
+    torchrun --nproc_per_node=8 --max-restarts=3 tools/train.py -c configs/dfine_x_coco.yml -r auto
     python tools/train.py -c configs/dfine_n_coco.yml --print-config -u epochs=3
     dfine train -c configs/dfine_n_demo.yml -r auto      # resume output_dir/last.pth when there is one
+
+Exit codes: 0 done, 2 a user error (one line on stderr), 3 the dataset pre-flight check failed, 75 stopped by
+SIGTERM/SIGUSR1 after saving last.pth (resume with -r auto).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from dfine.config import config_to_yaml, load_config
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="YAML config file")
-    parser.add_argument("-r", "--resume", help="checkpoint to resume training from (everything is restored); `auto`: output_dir/last.pth when it exists, else a fresh start")
+    parser.add_argument("-r", "--resume", help="checkpoint to resume training from (everything is restored); "
+                        "`auto`: output_dir/last.pth when it exists, else a fresh start (for restarts and requeues)")
     parser.add_argument("-t", "--tuning", help="weights to fine-tune from (mismatched shapes are skipped and listed)")
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--seed", type=int, help="random seed")

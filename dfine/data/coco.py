@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dfine.data.coco_categories import COCO_CLASS_NAMES, MSCOCO_CATEGORY_TO_LABEL
+from dfine.data.sample_access import BAD_SAMPLE_KEY, load_or_substitute, sample_seed, seeded_generators
 from dfine.registry import DATASETS, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class CocoDetection(Dataset):
         self.remap_mscoco_category = bool(remap_mscoco_category)
         self.category_mapping = category_mapping
         self.epoch = -1
+        self.sample_seed = 0  # the run's seed, set by the loader builder
         if not self.ann_file.is_file():
             raise DatasetError(f"annotation file not found: {self.ann_file} (check `ann_file` in the config)")
         try:
@@ -181,15 +183,21 @@ class CocoDetection(Dataset):
         return target
 
     def __getitem__(self, key):
-        if isinstance(key, tuple):
-            index, epoch, step = key
-        else:
-            index, epoch, step = key, self.epoch, None
+        if not isinstance(key, tuple):
+            return self._transformed(key, self.epoch)
+        # from the loader: seeded per sample, an unreadable image replaced and noted (dfine/data/sample_access.py)
+        index, epoch, step = key
+        with seeded_generators(sample_seed(self.sample_seed, epoch, index)):
+            (image, target), notes = load_or_substitute(lambda i: self._transformed(i, epoch), index, len(self), DatasetError)
+        if notes:
+            target[BAD_SAMPLE_KEY] = notes
+        return image, target, (epoch, step)
+
+    def _transformed(self, index: int, epoch: int):
         image, target = self.load_item(index)
         if self.transforms is not None:
             image, target = self.transforms(image, target, epoch=epoch)
-        image, target = finalize_sample(image, target)
-        return (image, target) if step is None else (image, target, (epoch, step))
+        return finalize_sample(image, target)
 
     def extra_repr(self) -> str:
         return f"img_folder={self.img_folder}, ann_file={self.ann_file}, images={len(self)}"

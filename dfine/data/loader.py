@@ -50,9 +50,11 @@ class EpochBatchSampler(Sampler):
     def __init__(self, sampler: DistributedSampler, batch_size: int, drop_last: bool):
         self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
         self.epoch = 0
+        self.start_step = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """``start_step``: batches of this epoch already trained (a run resumed mid-epoch); they are not loaded."""
+        self.epoch, self.start_step = epoch, start_step
         self.sampler.set_epoch(epoch)
 
     def __iter__(self):
@@ -61,9 +63,10 @@ class EpochBatchSampler(Sampler):
         for index in self.sampler:
             batch.append(index)
             if len(batch) == self.batch_size:
-                yield [(i, self.epoch, step) for i in batch]
+                if step >= self.start_step:
+                    yield [(i, self.epoch, step) for i in batch]
                 batch, step = [], step + 1
-        if batch and not self.drop_last:
+        if batch and not self.drop_last and step >= self.start_step:
             yield [(i, self.epoch, step) for i in batch]
 
     def __len__(self) -> int:
@@ -74,8 +77,10 @@ class EpochBatchSampler(Sampler):
 class DetectionDataLoader(DataLoader):
     """A DataLoader with one explicit ``set_epoch`` for sampler shuffling, augmentation policy and collate."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Shuffling, policy and scales of ``epoch``; from batch ``start_step`` on when resuming mid-epoch (the
+        iterator then yields ``len(self) - start_step`` batches)."""
+        self.batch_sampler.set_epoch(epoch, start_step)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         if hasattr(self.collate_fn, "set_epoch"):
@@ -169,6 +174,8 @@ def build_dataloader_from_section(section: dict, path: str, cfg: dict) -> Detect
     collate = COLLATORS.build(collate_section, f"{path}.collate_fn")
     if "seed" in cfg and hasattr(collate, "seed") and "seed" not in collate_section:
         collate.seed = int(cfg["seed"])
+    if hasattr(dataset, "sample_seed"):  # per-sample augmentation seeds (dfine/data/sample_access.py)
+        dataset.sample_seed = int(cfg.get("seed") or 0)
     sampler = DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=bool(section.get("shuffle", False)),
         seed=int(cfg.get("seed") or 0),

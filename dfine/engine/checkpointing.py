@@ -3,17 +3,22 @@
 Layout (a superset of the reference solver's, so reference tools read ours and we read theirs)::
 
     {"model", "ema": {"module", "updates", "decay", "skipped"}, "optimizer", "lr_scheduler",
-     "lr_warmup_scheduler", "scaler", "last_epoch", "global_step", "rng", "config", "classes", "date"}
+     "lr_warmup_scheduler", "scaler", "last_epoch", "global_step", "rng", "config", "classes", "date",
+     "epoch_position", "unreadable_samples"}
 
-``last_epoch`` is the last finished epoch (the next run starts at ``last_epoch + 1``). Everything is plain
+``last_epoch`` is the last finished epoch (the next run starts at ``last_epoch + 1``). A step checkpoint
+(``checkpoint_every_steps``) also holds ``epoch_position`` (``EpochProgress.as_dict()`` plus ``world_size``,
+``batch_size`` and ``rng_per_rank``): the run resumes inside that epoch, at its next batch (step_checkpoint.py). Everything is plain
 tensors, numbers, strings, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
+import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -37,21 +42,30 @@ OBJ365_INDEX_OF_COCO_CLASS = [
 ]  # fmt: skip
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, no permission, read-only file system); the previous file
+    of that name is untouched."""
+
+
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a reader (or a crash) sees
-    either the old complete file or the new complete file, never a partial one."""
+    either the old complete file or the new complete file, never a partial one. A failed write raises
+    CheckpointWriteError naming the path and the free space (the previous file stays as it was)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch's writer reports a failed write as a RuntimeError
+        _remove_quietly(tmp)
+        raise CheckpointWriteError(_write_failure(path, err)) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove_quietly(tmp)
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -62,6 +76,29 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     except OSError:
         pass
     return path
+
+
+def _remove_quietly(tmp: str | None) -> None:
+    if tmp is not None:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _write_failure(path: Path, err: BaseException) -> str:
+    """One line: what failed, where, why, and how much room the file system has."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free"
+    except OSError:
+        free = "free space unknown"
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[-1]
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "make the folder writable or choose another output_dir"
+    else:
+        hint = "free some space or choose another output_dir"
+    return (f"cannot write checkpoint {path}: {reason} ({free} on {path.parent}); the previous {path.name}, "
+            f"if any, is unchanged; {hint}, then resume with -r")
 
 
 def capture_rng_state() -> dict:
@@ -104,9 +141,13 @@ def training_state(
     config: dict,
     classes: dict | None,
     best: dict | None = None,
+    epoch_position: dict | None = None,
+    unreadable_samples: int = 0,
 ) -> dict:
     """Everything a resumed run needs, in the checkpoint layout above."""
     return {
+        "epoch_position": epoch_position,
+        "unreadable_samples": int(unreadable_samples),
         "date": datetime.now().isoformat(timespec="seconds"),
         "model": model.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
@@ -127,7 +168,7 @@ def restore_training_state(
     checkpoint: dict, *, model, ema, optimizer, lr_scheduler, lr_warmup_scheduler, scaler, source: str
 ) -> dict:
     """Load every part of a checkpoint written by ``training_state`` into the live objects (strict: a resume
-    must fit exactly). Returns ``{"last_epoch", "global_step", "best"}``."""
+    must fit exactly). Returns ``{"last_epoch", "global_step", "best", "epoch_position", "unreadable_samples"}``."""
     missing = [k for k in ("model", "optimizer", "last_epoch") if checkpoint.get(k) is None]
     if missing:
         raise CheckpointError(
@@ -152,6 +193,8 @@ def restore_training_state(
         "last_epoch": int(checkpoint["last_epoch"]),
         "global_step": int(checkpoint.get("global_step", 0)),
         "best": dict(checkpoint.get("best") or {}),
+        "epoch_position": checkpoint.get("epoch_position"),
+        "unreadable_samples": int(checkpoint.get("unreadable_samples") or 0),
     }
 
 

@@ -40,20 +40,23 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def init_distributed(device: torch.device, timeout_minutes: int = 30) -> bool:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1). Returns True when distributed."""
+def init_distributed(device: torch.device, timeout_minutes: float = 30) -> bool:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1). Returns True when distributed.
+    ``timeout_minutes`` bounds every collective: a rank that died or hangs makes the others fail after that
+    long instead of waiting forever (see ``CollectiveTimeout``)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 or is_distributed():
         return is_distributed()
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=float(timeout_minutes)))
     logger.info("process group: backend %s, rank %d of %d", backend, get_rank(), get_world_size())
     return True
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(wait_for_others: bool = True) -> None:
     if is_distributed():
-        dist.barrier()
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -87,6 +90,15 @@ def reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(names, stacked))
 
 
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value summed over ranks, in one all-reduce (``values`` itself when not distributed)."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def all_ranks_true(flag: bool, device: torch.device) -> bool:
     """True only when ``flag`` is true on every rank (so all ranks take the same branch)."""
     if not is_distributed():
@@ -94,3 +106,17 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() > 0)
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective (gradient all-reduce, barrier, step check) that did not complete in ``dist_timeout_minutes``."""
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """True for the errors a timed-out or broken collective raises (gloo and NCCL)."""
+    if isinstance(err, getattr(dist, "DistBackendError", ())) or isinstance(err, getattr(dist, "DistNetworkError", ())):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        word in text for word in ("timed out", "timeout", "connection closed by peer", "connection reset by peer")
+    )

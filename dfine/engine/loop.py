@@ -13,7 +13,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from dfine.engine.distributed import all_ranks_true, is_main_process, reduce_mean
+from dfine.data.coco import DatasetError
+from dfine.data.sample_access import pop_bad_sample_notes
+from dfine.engine import preemption
+from dfine.engine.checkpointing import restore_rng_state
+from dfine.engine.distributed import get_rank, is_main_process, reduce_mean, sum_over_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ class StepSettings:
     accumulation: int = 1
     max_bad_steps: int = 10
     print_freq: int = 10
+    skip_bad_samples: bool = False  # an unreadable image is skipped and counted instead of stopping the run
 
 
 @dataclass
@@ -42,6 +47,23 @@ class TrainState:
     global_step: int = 0
     bad_steps: int = 0
     skipped: list = field(default_factory=list)
+    unreadable_samples: int = 0  # unreadable images skipped so far, all ranks together
+
+
+@dataclass
+class EpochProgress:
+    """Where the current epoch stands after an optimizer step: what a step checkpoint stores so that a resumed
+    run continues at the next batch with the same running loss sums (and so the same metrics row)."""
+
+    epoch: int
+    batch: int = 0  # batches of this epoch done (the next one to train is this index)
+    loss_sums: dict = field(default_factory=dict)
+    loss_count: int = 0
+    unreadable_samples: int = 0  # skipped in this epoch, all ranks together
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "loss_sums": dict(self.loss_sums),
+                "loss_count": self.loss_count, "unreadable_samples": self.unreadable_samples}
 
 
 def to_device(images: torch.Tensor, targets: list[dict], device: torch.device):
@@ -79,26 +101,41 @@ def train_one_epoch(
     lr_warmup_scheduler=None,
     lr_scheduler=None,
     writer=None,
+    progress_state: EpochProgress | None = None,
+    rng_state: dict | None = None,
+    after_step=None,
 ) -> dict[str, float]:
     """Train over ``loader`` once. Per optimizer step: forward (autocast) -> criterion (fp32) -> backward ->
     unscale + clip -> step -> EMA update -> warm-up (and per-step main schedule) step.
 
     Non-finite losses or gradients skip the step on every rank (the check is all-reduced), log the batch's
     image ids, and raise NonFiniteLossError after ``max_bad_steps`` consecutive bad steps.
+
+    Fault tolerance: ``progress_state`` (an ``EpochProgress``, updated in place) starts the epoch at its
+    ``batch`` with its loss sums (``loader`` then yields the remaining batches only: ``loader.set_epoch(epoch,
+    start_step)``); ``rng_state`` is restored once the data iterator exists; ``after_step(progress, stop)`` runs
+    at every optimizer-step boundary (the step checkpoint). One all-reduce per batch makes every rank agree on a
+    non-finite loss, on unreadable images (stop, or skip with ``skip_bad_samples``) and on a stop signal
+    (dfine/engine/preemption.py), after which the loop raises ``Preempted`` at the end of that step.
     Returns the mean of every loss term over the epoch.
     """
     model.train()
     criterion.train()
     device = settings.device
     per_step_schedule = lr_scheduler is not None and getattr(lr_scheduler, "step_per_iteration", False)
-    sums: dict[str, float] = {}
-    count = 0
-    num_batches = len(loader)
-    progress = tqdm(loader, total=num_batches, desc=f"epoch {epoch}", disable=not is_main_process(), dynamic_ncols=True, mininterval=2.0)
+    position = progress_state if progress_state is not None else EpochProgress(epoch)
+    sums, count, first = position.loss_sums, position.loss_count, position.batch
+    num_batches = len(loader) + first  # a loader resumed mid-epoch yields only the remaining batches
+    batches = iter(loader)
+    if rng_state is not None:  # after the iterator exists: creating it draws from torch's generator
+        restore_rng_state(rng_state)
+    progress = tqdm(batches, total=num_batches, initial=first, desc=f"epoch {epoch}", disable=not is_main_process(), dynamic_ncols=True, mininterval=2.0)
     optimizer.zero_grad(set_to_none=True)
     batch_ids: list[int] = []
+    stop = False
     start = time.time()
-    for i, (images, targets) in enumerate(progress):
+    for i, (images, targets) in enumerate(progress, start=first):
+        unreadable = pop_bad_sample_notes(targets)
         images, targets = to_device(images, targets, device)
         batch_ids += image_ids(targets)
         closes_step = (i + 1) % settings.accumulation == 0 or i + 1 == num_batches
@@ -110,7 +147,14 @@ def train_one_epoch(
             with torch.autocast(device.type, enabled=False):
                 loss_dict = criterion(to_float32(outputs), targets)
             loss = sum(loss_dict.values())
-            finite = all_ranks_true(bool(torch.isfinite(loss.detach()).item()), device)
+            # one all-reduce: every rank takes the same branch for a non-finite loss, unreadable images, a stop
+            nonfinite, n_unreadable, stops = sum_over_ranks(
+                [0.0 if torch.isfinite(loss.detach()).item() else 1.0, float(len(unreadable)), float(preemption.requested())], device
+            )
+            finite = nonfinite == 0
+            if n_unreadable:
+                _handle_unreadable(unreadable, int(n_unreadable), settings, position, state, epoch, i)
+            stop = stop or stops > 0
             if finite:
                 scaler.scale(loss / settings.accumulation).backward()
         if finite:
@@ -135,6 +179,7 @@ def train_one_epoch(
                     f"ids {batch_ids}. Lower the lr, check these images' annotations, or try use_amp with bfloat16."
                 )
             batch_ids = []
+            _end_of_step(position, i, count, after_step, stop, state)
             continue
         state.bad_steps = 0
         batch_ids = []
@@ -155,6 +200,7 @@ def train_one_epoch(
                     writer.add_scalar(f"Loss/{k}", float(v), state.global_step)
                 for j, group in enumerate(optimizer.param_groups):
                     writer.add_scalar(f"Lr/pg_{j}", group["lr"], state.global_step)
+        _end_of_step(position, i, count, after_step, stop, state)
     progress.close()
     means = {k: v / max(count, 1) for k, v in sums.items()}
     if means:
@@ -163,6 +209,30 @@ def train_one_epoch(
             epoch, sum(means.values()), count, time.time() - start, count / max(time.time() - start, 1e-9),
         )
     return means
+
+
+def _end_of_step(position: EpochProgress, i: int, count: int, after_step, stop: bool, state: TrainState) -> None:
+    """The optimizer-step boundary: record the position, run the step hook (checkpoint), stop when asked."""
+    position.batch, position.loss_count = i + 1, count
+    if after_step is not None:
+        after_step(position, stop)
+    if stop:
+        raise preemption.Preempted(position.epoch, state.global_step)
+
+
+def _handle_unreadable(notes: list[str], total: int, settings: StepSettings, position: EpochProgress, state: TrainState, epoch: int, i: int) -> None:
+    """Unreadable images in this batch on some rank (each replaced by the next readable image of its dataset):
+    stop every rank, naming the file where it is known, or with ``skip_bad_samples`` log and count them."""
+    if not settings.skip_bad_samples:
+        if notes:
+            raise DatasetError(f"{notes[0]} [epoch {epoch}, batch {i}]; set skip_bad_samples: true to skip such images")
+        raise DatasetError(f"rank {get_rank()}: another rank read an unreadable image at epoch {epoch}, batch {i} (its log names it)")
+    position.unreadable_samples += total
+    state.unreadable_samples += total
+    for note in notes:
+        logger.warning("skipped (replaced by the next image): %s", note)
+    if is_main_process():
+        logger.warning("%d unreadable images skipped so far (%d this epoch)", state.unreadable_samples, position.unreadable_samples)
 
 
 def _optimizer_step(model, optimizer, scaler, settings: StepSettings) -> bool:
@@ -192,6 +262,9 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, loader, evaluator, devi
     evaluator.reset()
     progress = tqdm(loader, desc="eval", disable=not is_main_process(), dynamic_ncols=True, mininterval=2.0)
     for images, targets in progress:
+        unreadable = pop_bad_sample_notes(targets)
+        if unreadable:  # every image counts in an evaluation: a replaced one would bias the AP
+            raise DatasetError(unreadable[0])
         images, targets = to_device(images, targets, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             outputs = model(images)

@@ -79,9 +79,10 @@ class MetricsLog:
             except json.JSONDecodeError:
                 logger.warning("%s is not valid JSON; starting a new one", self.path)
 
-    def add(self, epoch: int, train_stats: dict, result: EvalResult, best: dict, phase: str) -> None:
+    def add(self, epoch: int, train_stats: dict, result: EvalResult, best: dict, phase: str, extra: dict | None = None) -> None:
+        """``extra``: more keys of this epoch's entry (e.g. ``unreadable_samples`` with skip_bad_samples)."""
         self.data["epochs"] = [e for e in self.data["epochs"] if e["epoch"] < epoch]
-        self.data["epochs"].append({"epoch": epoch, "phase": phase, "train": train_stats, "eval": result.as_dict()})
+        self.data["epochs"].append({"epoch": epoch, "phase": phase, "train": train_stats, "eval": result.as_dict(), **(extra or {})})
         self.data["best"] = dict(best)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")

@@ -17,15 +17,17 @@ from dfine.config import config_to_yaml, dump_config
 from dfine.engine import distributed as dist_utils
 from dfine.engine.build import amp_settings, build_ema, build_optimizer, build_schedulers, warmup_steps
 from dfine.engine.checkpointing import atomic_save, load_for_tuning, restore_training_state, training_state
+from dfine.engine import preemption
 from dfine.engine.ema import unwrap
 from dfine.engine.loggers import ExperimentLoggers
 from dfine.engine.logs import setup_logging
-from dfine.engine.loop import StepSettings, TrainState, evaluate, train_one_epoch
+from dfine.engine.loop import EpochProgress, StepSettings, TrainState, evaluate, train_one_epoch
 from dfine.engine.monitor import TrainingMonitor, finished_by_early_stopping, validate_workflow_config
 from dfine.engine.optim import describe_param_groups
 from dfine.engine.phases import PhaseSchedule
 from dfine.engine.preflight import run_preflight
 from dfine.engine.reporting import MetricsLog, checkpoint_label_map, dataset_gt_and_labels, log_eval_result
+from dfine.engine.step_checkpoint import StepCheckpointer, resume_position, save_on_main
 from dfine.evaluation import CocoEvaluator
 
 logger = logging.getLogger(__name__)
@@ -45,16 +47,25 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def run(cfg: dict, resume: str | None = None, test_only: bool = False) -> int:
     """Train (or with ``test_only`` evaluate) as configured. Returns a process exit code."""
     device = dist_utils.resolve_device(cfg.get("device"))
-    dist_utils.init_distributed(device)
+    dist_utils.init_distributed(device, timeout_minutes=float(cfg.get("dist_timeout_minutes") or 30))
     rank = dist_utils.get_rank()
     output_dir = Path(cfg.get("output_dir") or "output")
     setup_logging(output_dir, rank, "eval.log" if test_only else "train.log")
     seed = int(cfg.get("seed") or 0)
     seed_everything(seed + rank)
+    together = False  # every rank leaves at the same point: wait for the others before leaving the group
     try:
-        return _run(cfg, device, output_dir, seed, resume, test_only)
+        with preemption.StopSignalHandler():
+            code = _run(cfg, device, output_dir, seed, resume, test_only)
+        together = True
+        return code
+    except preemption.Preempted as stop:
+        together = True
+        logger.warning("%s; last.pth holds it: resume with -r auto (exit code %d)", stop, preemption.PREEMPTED_EXIT_CODE)
+        return preemption.PREEMPTED_EXIT_CODE
     finally:
-        dist_utils.cleanup_distributed()
+        # after an error a peer may be gone: a barrier would wait for it until the collective timeout
+        dist_utils.cleanup_distributed(wait_for_others=together)
 
 
 def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: str | None, test_only: bool) -> int:
@@ -99,6 +110,8 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
 
     # --- resume
     start_epoch, state, best, checkpoint = 0, TrainState(), {}, None
+    batch_size = train_loader.batch_sampler.batch_size
+    position, resume_rng = None, None  # where a run resumed inside an epoch continues
     if resume:
         checkpoint = read_checkpoint(resume)
         if cfg.get("early_stopping") and finished_by_early_stopping(checkpoint):
@@ -109,7 +122,12 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
             lr_warmup_scheduler=lr_warmup_scheduler, scaler=scaler, source=resume,
         )
         start_epoch, state.global_step, best = restored["last_epoch"] + 1, restored["global_step"], restored["best"]
-        logger.info("resumed from %s: epoch %d, optimizer step %d", resume, start_epoch, state.global_step)
+        state.unreadable_samples = restored["unreadable_samples"]
+        position, resume_rng = resume_position(restored["epoch_position"], batch_size, resume)
+        if position is not None:
+            start_epoch = position.epoch
+        logger.info("resumed from %s: epoch %d%s, optimizer step %d", resume, start_epoch,
+                    f" at batch {position.batch}" if position else "", state.global_step)
 
     train_model = dist_utils.wrap_model(
         model, device, sync_bn=bool(cfg.get("sync_bn")), find_unused_parameters=bool(cfg.get("find_unused_parameters"))
@@ -117,7 +135,7 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
     settings = StepSettings(
         device=device, use_amp=use_amp, amp_dtype=amp_dtype, clip_max_norm=float(cfg.get("clip_max_norm") or 0),
         accumulation=schedule.accumulation, max_bad_steps=int(cfg.get("max_bad_steps") or 10),
-        print_freq=int(cfg.get("print_freq") or 10),
+        print_freq=int(cfg.get("print_freq") or 10), skip_bad_samples=bool(cfg.get("skip_bad_samples")),
     )
     logger.info("optimizer %s, parameter groups:\n%s", type(optimizer).__name__, describe_param_groups(optimizer))
     logger.info("training schedule:\n%s", schedule.table())
@@ -127,20 +145,43 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
     del checkpoint
     per_epoch_scheduler = lr_scheduler is not None and not getattr(lr_scheduler, "step_per_iteration", False)
 
-    for epoch in range(start_epoch, schedule.epochs):
-        seed_everything(epoch_seed(seed, epoch, dist_utils.get_rank()))
-        train_loader.set_epoch(epoch)
-        monitor.start_epoch()
-        if schedule.is_switch_epoch(epoch):
-            enter_no_augmentation_phase(
-                epoch, train_loader, ema, model, optimizer, output_dir,
-                reload_best=bool(cfg.get("reload_best_at_stop_epoch", True)),
-            )
+    def state_at_step(epoch_position: dict) -> dict:  # a step checkpoint: inside the epoch after `last_epoch`
+        return training_state(
+            model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_scheduler=lr_warmup_scheduler,
+            scaler=scaler, last_epoch=epoch_position["epoch"] - 1, global_step=state.global_step, config=cfg,
+            classes=classes, best=best, epoch_position=epoch_position, unreadable_samples=state.unreadable_samples,
+        ) | monitor.checkpoint_entries(epoch_position["epoch"] - 1, None)
 
-        train_stats = train_one_epoch(
-            train_model, criterion, train_loader, optimizer, settings, state, epoch=epoch, scaler=scaler, ema=ema,
-            lr_warmup_scheduler=lr_warmup_scheduler, lr_scheduler=lr_scheduler, writer=writer,
-        )
+    step_checkpointer = StepCheckpointer(cfg.get("checkpoint_every_steps") or 0, output_dir, state_at_step, state, batch_size)
+    for epoch in range(start_epoch, schedule.epochs):
+        monitor.start_epoch()
+        if position is not None and position.epoch == epoch:
+            # resumed inside this epoch: its start (seeds, phase switch) is already in the restored state
+            train_loader.set_epoch(epoch, start_step=position.batch)
+        else:
+            position, resume_rng = EpochProgress(epoch), None
+            seed_everything(epoch_seed(seed, epoch, dist_utils.get_rank()))
+            train_loader.set_epoch(epoch)
+            if schedule.is_switch_epoch(epoch):
+                enter_no_augmentation_phase(
+                    epoch, train_loader, ema, model, optimizer, output_dir,
+                    reload_best=bool(cfg.get("reload_best_at_stop_epoch", True)),
+                )
+
+        try:
+            train_stats = train_one_epoch(
+                train_model, criterion, train_loader, optimizer, settings, state, epoch=epoch, scaler=scaler, ema=ema,
+                lr_warmup_scheduler=lr_warmup_scheduler, lr_scheduler=lr_scheduler, writer=writer,
+                progress_state=position, rng_state=resume_rng, after_step=step_checkpointer,
+            )
+        except RuntimeError as err:
+            if dist_utils.is_distributed() and dist_utils.is_collective_failure(err):
+                raise dist_utils.CollectiveTimeout(
+                    f"rank {dist_utils.get_rank()}: a collective failed or did not complete within "
+                    f"dist_timeout_minutes={cfg.get('dist_timeout_minutes') or 30} at epoch {epoch}, after optimizer step "
+                    f"{state.global_step} (another rank died or hangs): {str(err).strip().splitlines()[0]}"
+                ) from None
+            raise
         if per_epoch_scheduler and (lr_warmup_scheduler is None or lr_warmup_scheduler.finished()):
             lr_scheduler.step()
 
@@ -152,25 +193,21 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
         stop = monitor.after_evaluation(epoch, result, device)  # (by, reason) when the run ends after this epoch
         if dist_utils.is_main_process():
             log_eval_result(result, epoch, writer)
-            metrics.add(epoch, train_stats, result, best, schedule.phase(epoch))
+            metrics.add(epoch, train_stats, result, best, schedule.phase(epoch),
+                        extra={"unreadable_samples": position.unreadable_samples} if settings.skip_bad_samples else None)
             monitor.record(epoch, optimizer, train_stats, result, is_best, stop)
             if epoch == schedule.epochs - 1 or stop:  # visual reports of the final model, also to TensorBoard
                 from dfine.evaluation.reports import write_reports_for_dataset
 
                 write_reports_for_dataset(result, evaluator.gt, val_loader.dataset, output_dir / "reports", writer, epoch)
-            # saved after evaluation, so the stored RNG/best state is exactly what the next epoch starts from
-            ckpt = training_state(
+            logger.info("epoch %d: AP %.4f (best %.4f at epoch %d); checkpoints in %s", epoch, result.ap, best["ap"], best["epoch"], output_dir)
+        save_on_main(lambda: _save_epoch_checkpoints(
+            training_state(
                 model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_scheduler=lr_warmup_scheduler,
                 scaler=scaler, last_epoch=epoch, global_step=state.global_step, config=cfg, classes=classes, best=best,
-            )
-            ckpt.update(monitor.checkpoint_entries(epoch, stop))
-            atomic_save(ckpt, output_dir / "last.pth")
-            if is_best:
-                atomic_save(ckpt, output_dir / "best.pth")
-            freq = int(cfg.get("checkpoint_freq") or 0)
-            if freq and (epoch + 1) % freq == 0:
-                atomic_save(ckpt, output_dir / f"checkpoint{epoch:04d}.pth")
-            logger.info("epoch %d: AP %.4f (best %.4f at epoch %d); checkpoints in %s", epoch, result.ap, best["ap"], best["epoch"], output_dir)
+                unreadable_samples=state.unreadable_samples,
+            ) | monitor.checkpoint_entries(epoch, stop), output_dir, epoch, is_best, int(cfg.get("checkpoint_freq") or 0),
+        ))
         dist_utils.barrier()
         if stop:
             logger.info("%s (checkpoints saved; best model: %s)", stop[1], output_dir / "best.pth")
@@ -182,6 +219,15 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
         _after_training(cfg, model, ema, postprocessor, val_loader, device, output_dir)
         logger.info(monitor.closing_lines(best))
     return 0
+
+
+def _save_epoch_checkpoints(ckpt: dict, output_dir: Path, epoch: int, is_best: bool, freq: int) -> None:
+    # saved after evaluation, so the stored RNG/best state is exactly what the next epoch starts from
+    atomic_save(ckpt, output_dir / "last.pth")
+    if is_best:
+        atomic_save(ckpt, output_dir / "best.pth")
+    if freq and (epoch + 1) % freq == 0:
+        atomic_save(ckpt, output_dir / f"checkpoint{epoch:04d}.pth")
 
 
 def enter_no_augmentation_phase(
