@@ -25,7 +25,7 @@ from dfine.registry import ConfigError, find_component
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting's type and range. ``kind``: int, float, bool, str, choice, size, section, device."""
+    """One setting's type and range. ``kind``: int, float, bool, str, choice, size, section, list, device."""
 
     kind: str
     low: float | None = None
@@ -50,6 +50,8 @@ class Setting:
             return isinstance(value, str) and value in self.choices
         if self.kind == "section":
             return isinstance(value, dict)
+        if self.kind == "list":
+            return isinstance(value, (list, tuple))
         if self.kind == "size":
             return (isinstance(value, (list, tuple)) and len(value) == 2
                     and all(_is_int(v) and v > 0 and v % self.multiple == 0 for v in value))
@@ -70,6 +72,7 @@ class Setting:
             "str": "a non-empty string (a path)",
             "choice": "one of " + ", ".join(map(str, self.choices)),
             "section": "a mapping (a config section)",
+            "list": "a list",
             "size": "[H, W], two positive integers" + (f" that are multiples of {self.multiple}" if self.multiple > 1 else ""),
             "device": "a device name such as cpu, cuda, cuda:1 or mps",
         }[self.kind]
@@ -138,6 +141,10 @@ def section(nullable: bool = False) -> Setting:
     return Setting("section", nullable=nullable)
 
 
+def listing(nullable: bool = True) -> Setting:
+    return Setting("list", nullable=nullable)
+
+
 # Feature maps go down to stride 32: anchors and position embeddings are cached for eval_spatial_size / 32.
 MODEL_STRIDE = 32
 
@@ -168,6 +175,12 @@ RUNTIME_SETTINGS: dict[str, Setting] = {
     "sync_bn": boolean(),
     "find_unused_parameters": boolean(),
     "max_bad_steps": integer(1, nullable=True),
+    "early_stopping": section(nullable=True),  # its entries: dfine/engine/early_stopping.py
+    "time_limit": number(above=0, nullable=True),
+    "skip_bad_samples": boolean(),
+    "dist_timeout_minutes": number(above=0, nullable=True),
+    "loggers": listing(),  # its entries: dfine/engine/loggers.py
+    "checkpoint_every_steps": integer(0, nullable=True),
     "output_dir": path(),
     "summary_dir": path(),
     "checkpoint_freq": integer(0, nullable=True),
@@ -175,6 +188,8 @@ RUNTIME_SETTINGS: dict[str, Setting] = {
     "seed": integer(0, nullable=True),
     "device": Setting("device", nullable=True),
     "tuning": path(),
+    "tuning_class_map": choice("auto", "none"),
+    "data": path(),
     "pretrained_dir": path(),
 }
 """Every top-level key -> its type and range. A key in TOP_LEVEL_KEYS must have an entry (tests/test_settings.py)."""

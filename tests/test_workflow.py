@@ -179,8 +179,8 @@ def test_time_limit_stops_cleanly_with_a_checkpoint(tmp_path):
         ("loggers=[tensorboard, tensorbord]", ["`loggers`", "tensorbord", "did you mean `tensorboard`"]),
         ("early_stopping={patience: 0}", ["`early_stopping.patience`", "0"]),
         ("early_stopping={patience: 3, metric: mAP}", ["`early_stopping.metric`", "mAP"]),
-        ("time_limit=0", ["`time_limit`", "0"]),
-        ("time_limit=-2", ["`time_limit`", "-2"]),
+        ("time_limit=0", ["time_limit", "0"]),
+        ("time_limit=-2", ["time_limit", "-2"]),
     ],
 )
 def test_bad_workflow_settings_get_one_line(tmp_path, capsys, override, names):

@@ -94,13 +94,7 @@ class CocoDetection(Dataset):
             raise ConfigError("CocoDetection: return_masks: true is not supported (detection only); set it to false")
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
-        self.transforms = transforms
-        if hasattr(transforms, "bind"):
-            transforms.bind(self)  # ops such as Mosaic draw extra images from this dataset
-        self.remap_mscoco_category = bool(remap_mscoco_category)
-        self.category_mapping = category_mapping
-        self.epoch = -1
-        self.sample_seed = 0  # the run's seed, set by the loader builder
+        self._init_state(transforms, remap_mscoco_category, category_mapping)
         if not self.ann_file.is_file():
             raise DatasetError(f"annotation file not found: {self.ann_file} (check `ann_file` in the config)")
         try:
@@ -112,6 +106,16 @@ class CocoDetection(Dataset):
             if key not in coco:
                 raise DatasetError(f"{self.ann_file} has no `{key}` list; is it a COCO instances file?")
         self._index(coco)
+
+    def _init_state(self, transforms: Any, remap_mscoco_category: bool, category_mapping: str) -> None:
+        """What every dataset built on this class holds besides its annotations (also called by YoloDetection)."""
+        self.transforms = transforms
+        if hasattr(transforms, "bind"):
+            transforms.bind(self)  # ops such as Mosaic draw extra images from this dataset
+        self.remap_mscoco_category = bool(remap_mscoco_category)
+        self.category_mapping = category_mapping
+        self.epoch = -1
+        self.sample_seed = 0  # the run's seed, set by the loader builder
 
     def _index(self, coco: dict) -> None:
         """Category map, sorted image list and per-image annotations from a COCO dict (also used by datasets

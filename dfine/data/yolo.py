@@ -225,10 +225,7 @@ class YoloDetection(CocoDetection):
         self.data_yaml, self.split = self.spec.yaml_path, split
         self.img_folder = self.spec.root
         self.ann_file = None
-        self.transforms = transforms
-        self.remap_mscoco_category = bool(remap_mscoco_category)
-        self.category_mapping = "auto"
-        self.epoch = -1
+        self._init_state(transforms, remap_mscoco_category, "auto")
         names = self.spec.names
         if self.remap_mscoco_category and len(names) != len(MSCOCO_LABEL_TO_CATEGORY):
             raise DatasetError(f"{self.data_yaml}: remap_mscoco_category needs COCO's 80 classes, `names` has "
