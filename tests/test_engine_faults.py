@@ -238,11 +238,11 @@ def test_a_read_only_location_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert torch.load(path, weights_only=True) == {"global_step": 1}
 
 
-def torchrun(out: Path, *args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def torchrun(out: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args,
         str(REPO / "tests" / "fault_launch.py"), "-c", str(REPO / "configs" / "dfine_n_demo.yml"), "-r", "auto",
-        "-u", *overrides(out, images=6, batch=2),
+        "-u", *overrides(out, ["dist_timeout_minutes=5"], images=6, batch=2),  # a hang fails in minutes, not 30
     ]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -255,11 +255,9 @@ def test_torchrun_elastic_restart_after_a_sigkill_equals_the_uninterrupted_two_p
     assert full.returncode == 0, full.stderr[-3000:]
     step = random.randint(2, STEPS_PER_EPOCH * EPOCHS)  # rank 1 dies at the start of this step, first attempt only
     fault = {**cache, "DFINE_TEST_FAULT": "sigkill", "DFINE_TEST_FAULT_STEP": str(step), "DFINE_TEST_FAULT_RANK": "1"}
-    # a second restart allowed: gloo's connect on a restarted round was seen to be refused once (a torchrun/gloo
-    # race on the reused rendezvous, not ours); any extra attempt must resume and end in the same state as well
-    elastic = torchrun(tmp_path / "elastic", "--max-restarts=2", env=fault)
+    elastic = torchrun(tmp_path / "elastic", "--max-restarts=1", env=fault)
     assert elastic.returncode == 0, f"killed at step {step}\n" + elastic.stderr[-3000:]
     log = (tmp_path / "elastic" / "train.log").read_text()
-    assert log.count("resolved config written") >= 2, f"no elastic restart (killed at step {step})"
+    assert log.count("resolved config written") == 2, f"no elastic restart (killed at step {step})"
     assert ("resumed from" in log) == (step > 2), f"killed at step {step}"  # before step 3 there is no checkpoint
     assert_same_final_state(tmp_path / "elastic", tmp_path / "full")

@@ -48,9 +48,27 @@ def init_distributed(device: torch.device, timeout_minutes: float = 30) -> bool:
     if world_size <= 1 or is_distributed():
         return is_distributed()
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=float(timeout_minutes)))
+    timeout = timedelta(minutes=float(timeout_minutes))
+    store = _attempt_store(world_size, timeout)
+    if store is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size, timeout=timeout)
     logger.info("process group: backend %s, rank %d of %d", backend, get_rank(), get_world_size())
     return True
+
+
+def _attempt_store(world_size: int, timeout: timedelta):
+    """Under torchrun (TORCHELASTIC_USE_AGENT_STORE) the process group lives in the agent's store, which outlives
+    an elastic restart. This torch (2.14) no longer prefixes it per attempt, so a restarted rank can read the
+    gloo address a dead rank of the previous attempt left there, and the connect is refused or hangs until the
+    timeout (seen in tests/test_engine_faults.py). The store is therefore opened here with the attempt in the
+    prefix. None outside torchrun: the default env:// rendezvous is used."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"dfine/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
 
 
 def cleanup_distributed(wait_for_others: bool = True) -> None:
