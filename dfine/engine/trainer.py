@@ -13,7 +13,7 @@ import torch
 
 import dfine
 from dfine.checkpoint import read_checkpoint
-from dfine.config import config_to_yaml, dump_config
+from dfine.config import config_to_yaml, dump_config, stored_config
 from dfine.engine import distributed as dist_utils
 from dfine.engine.build import amp_settings, build_ema, build_optimizer, build_schedulers, warmup_steps
 from dfine.engine.checkpointing import atomic_save, load_for_tuning, restore_training_state, training_state
@@ -143,12 +143,13 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
     metrics = MetricsLog(output_dir / "metrics.json", resume=bool(resume))
     monitor = TrainingMonitor(cfg, output_dir, schedule, train_loader, start_epoch, checkpoint, dist_utils.is_main_process())
     del checkpoint
+    stored = stored_config(cfg)  # with its ${...} references: an override on it reaches every use
     per_epoch_scheduler = lr_scheduler is not None and not getattr(lr_scheduler, "step_per_iteration", False)
 
     def state_at_step(epoch_position: dict) -> dict:  # a step checkpoint: inside the epoch after `last_epoch`
         return training_state(
             model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_scheduler=lr_warmup_scheduler,
-            scaler=scaler, last_epoch=epoch_position["epoch"] - 1, global_step=state.global_step, config=cfg,
+            scaler=scaler, last_epoch=epoch_position["epoch"] - 1, global_step=state.global_step, config=stored,
             classes=classes, best=best, epoch_position=epoch_position, unreadable_samples=state.unreadable_samples,
         ) | monitor.checkpoint_entries(epoch_position["epoch"] - 1, None)
 
@@ -204,7 +205,7 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
         save_on_main(lambda: _save_epoch_checkpoints(
             training_state(
                 model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_scheduler=lr_warmup_scheduler,
-                scaler=scaler, last_epoch=epoch, global_step=state.global_step, config=cfg, classes=classes, best=best,
+                scaler=scaler, last_epoch=epoch, global_step=state.global_step, config=stored, classes=classes, best=best,
                 unreadable_samples=state.unreadable_samples,
             ) | monitor.checkpoint_entries(epoch, stop), output_dir, epoch, is_best, int(cfg.get("checkpoint_freq") or 0),
         ))
