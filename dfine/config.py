@@ -33,7 +33,6 @@ INCLUDE_KEY = "__include__"
 # Every key allowed at the top of a resolved config, with what it means. A key not listed here is a typo
 # (or belongs in a section); adding a new top-level setting means adding it here, documented.
 TOP_LEVEL_KEYS: dict[str, str] = {
-    "task": "what the config trains: `detection`",
     "data": "a dataset folder (COCO, Roboflow COCO export) or YOLO data.yaml: fills the dataset paths and num_classes",
     "num_classes": "number of object classes the model predicts",
     "eval_spatial_size": "[H, W] the model is built for at evaluation (anchors and position embeddings are cached for it)",
@@ -72,7 +71,6 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "device": "`cpu`, `cuda`, `cuda:1`, ... (default: cuda when available)",
     "tuning": "checkpoint to fine-tune from",
     "tuning_class_map": "`auto`: keep the class-head rows of classes whose names match the checkpoint's; `none`: all new",
-    "pretrained_dir": "folder searched for pretrained backbone weights before downloading",
 }
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")

@@ -18,12 +18,9 @@ from dfine.data.sample_access import pop_bad_sample_notes
 from dfine.engine import preemption
 from dfine.engine.checkpointing import restore_rng_state
 from dfine.engine.distributed import get_rank, is_main_process, reduce_mean, sum_over_ranks
+from dfine.errors import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 @dataclass
