@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ from dfine.engine.monitor import TrainingMonitor, finished_by_early_stopping, va
 from dfine.engine.optim import describe_param_groups
 from dfine.engine.phases import PhaseSchedule
 from dfine.engine.preflight import run_preflight
-from dfine.engine.run_settings import RunSettings
 from dfine.engine.reporting import MetricsLog, checkpoint_label_map, dataset_gt_and_labels, log_eval_result
+from dfine.engine.run_settings import RunSettings
 from dfine.engine.step_checkpoint import StepCheckpointer, resume_position, save_on_main
 from dfine.errors import CollectiveTimeout
 from dfine.evaluation import CocoEvaluator
@@ -127,8 +127,8 @@ def _build(cfg: dict, settings: RunSettings, device: torch.device, resume: str |
 
 
 def _fit(cfg: dict, settings: RunSettings, train_loader, evaluation: Evaluation, resume: str | None) -> int:
-    """Criterion, optimizer, schedules, EMA, the resumed state, then the epochs with their evaluation and
-    checkpoints."""
+    """Criterion, optimizer, schedules, EMA, the resumed state (``_resume``), then the epochs with their
+    evaluation and checkpoints."""
     model, postprocessor, device, output_dir = evaluation.model, evaluation.postprocessor, evaluation.device, settings.output_dir
     classes, val_loader = evaluation.classes, evaluation.loader
     # --- criterion
@@ -145,25 +145,13 @@ def _fit(cfg: dict, settings: RunSettings, train_loader, evaluation: Evaluation,
     ema = build_ema(cfg, model)
 
     # --- resume
-    start_epoch, state, best, checkpoint = 0, TrainState(), {}, None
     batch_size = train_loader.batch_sampler.batch_size
-    position, resume_rng = None, None  # where a run resumed inside an epoch continues
-    if resume:
-        checkpoint = read_checkpoint(resume)
-        if settings.early_stopping and finished_by_early_stopping(checkpoint):
-            logger.info("%s ends a run that stopped early (%s): nothing to do (early_stopping: null trains on)", resume, finished_by_early_stopping(checkpoint))
-            return 0
-        restored = restore_training_state(
-            checkpoint, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
-            lr_warmup_scheduler=lr_warmup_scheduler, scaler=scaler, source=resume,
-        )
-        start_epoch, state.global_step, best = restored["last_epoch"] + 1, restored["global_step"], restored["best"]
-        state.unreadable_samples = restored["unreadable_samples"]
-        position, resume_rng = resume_position(restored["epoch_position"], batch_size, resume)
-        if position is not None:
-            start_epoch = position.epoch
-        logger.info("resumed from %s: epoch %d%s, optimizer step %d", resume, start_epoch,
-                    f" at batch {position.batch}" if position else "", state.global_step)
+    resumed = _resume(resume, settings, batch_size, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                      lr_warmup_scheduler=lr_warmup_scheduler, scaler=scaler)
+    if resumed is None:
+        return 0
+    start_epoch, state, best = resumed.start_epoch, resumed.state, resumed.best
+    position, resume_rng = resumed.position, resumed.rng  # where a run resumed inside an epoch continues
 
     train_model = dist_utils.wrap_model(
         model, device, sync_bn=bool(settings.sync_bn), find_unused_parameters=bool(settings.find_unused_parameters)
@@ -177,8 +165,8 @@ def _fit(cfg: dict, settings: RunSettings, train_loader, evaluation: Evaluation,
     logger.info("training schedule:\n%s", schedule.table())
     writer = ExperimentLoggers(cfg, output_dir, resume=bool(resume)) if dist_utils.is_main_process() else None
     metrics = MetricsLog(output_dir / "metrics.json", resume=bool(resume))
-    monitor = TrainingMonitor(cfg, output_dir, schedule, train_loader, start_epoch, checkpoint, dist_utils.is_main_process())
-    del checkpoint
+    monitor = TrainingMonitor(cfg, output_dir, schedule, train_loader, start_epoch, resumed.checkpoint, dist_utils.is_main_process())
+    del resumed  # and with it the checkpoint read for the resume
     stored = stored_config(cfg)  # with its ${...} references: an override on it reaches every use
     per_epoch_scheduler = lr_scheduler is not None and not getattr(lr_scheduler, "step_per_iteration", False)
 
@@ -256,6 +244,36 @@ def _fit(cfg: dict, settings: RunSettings, train_loader, evaluation: Evaluation,
         _after_training(cfg, model, ema, postprocessor, val_loader, device, output_dir)
         logger.info(monitor.closing_lines(best))
     return 0
+
+
+@dataclass
+class Resumed:
+    """Where training starts: the beginning, or the state restored from a checkpoint."""
+
+    start_epoch: int = 0
+    state: TrainState = field(default_factory=TrainState)
+    best: dict = field(default_factory=dict)
+    position: EpochProgress | None = None  # set when the run resumes inside an epoch
+    rng: Any = None  # the RNG states to continue that epoch with
+    checkpoint: dict | None = None  # read once; the monitor takes its early-stopping state
+
+
+def _resume(resume: str | None, settings: RunSettings, batch_size: int, **objects) -> Resumed | None:
+    """Restore ``objects`` (model, ema, optimizer, lr_scheduler, lr_warmup_scheduler, scaler) from ``resume``.
+    None when that checkpoint ends a run that stopped early: there is nothing left to train."""
+    if not resume:
+        return Resumed()
+    checkpoint = read_checkpoint(resume)
+    if settings.early_stopping and finished_by_early_stopping(checkpoint):
+        logger.info("%s ends a run that stopped early (%s): nothing to do (early_stopping: null trains on)", resume, finished_by_early_stopping(checkpoint))
+        return None
+    restored = restore_training_state(checkpoint, **objects, source=resume)
+    state = TrainState(global_step=restored["global_step"], unreadable_samples=restored["unreadable_samples"])
+    position, rng = resume_position(restored["epoch_position"], batch_size, resume)
+    start_epoch = position.epoch if position is not None else restored["last_epoch"] + 1
+    logger.info("resumed from %s: epoch %d%s, optimizer step %d", resume, start_epoch,
+                f" at batch {position.batch}" if position else "", state.global_step)
+    return Resumed(start_epoch, state, restored["best"], position, rng, checkpoint)
 
 
 def _save_epoch_checkpoints(ckpt: dict, output_dir: Path, epoch: int, is_best: bool, freq: int) -> None:
