@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,7 +33,6 @@ INCLUDE_KEY = "__include__"
 # Every key allowed at the top of a resolved config, with what it means. A key not listed here is a typo
 # (or belongs in a section); adding a new top-level setting means adding it here, documented.
 TOP_LEVEL_KEYS: dict[str, str] = {
-    "task": "what the config trains: `detection`",
     "data": "a dataset folder (COCO, Roboflow COCO export) or YOLO data.yaml: fills the dataset paths and num_classes",
     "num_classes": "number of object classes the model predicts",
     "eval_spatial_size": "[H, W] the model is built for at evaluation (anchors and position embeddings are cached for it)",
@@ -71,7 +71,6 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "device": "`cpu`, `cuda`, `cuda:1`, ... (default: cuda when available)",
     "tuning": "checkpoint to fine-tune from",
     "tuning_class_map": "`auto`: keep the class-head rows of classes whose names match the checkpoint's; `none`: all new",
-    "pretrained_dir": "folder searched for pretrained backbone weights before downloading",
 }
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
@@ -109,8 +108,60 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
     Raises:
         ConfigError naming the file, include chain, key or override at fault.
     """
+    source = compose_config(path, overrides)
+    cfg = finish_config(source)
+    _RECENT_SOURCES.append(source)
+    return cfg
+
+
+def compose_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
+    """The config before resolution: includes merged, overrides and the ``data`` key applied, ``${...}``
+    references kept. ``finish_config`` of it is what ``load_config`` returns."""
     cfg = _read_with_includes(Path(path), chain=())
     overrides = list(overrides)
+    _apply_overrides(cfg, overrides)
+    if cfg.get("data"):
+        from dfine.data.layouts import apply_data_key
+
+        written = "num_classes" in _read_yaml(Path(path), ()) or any(
+            item.split("=", 1)[0].strip() == "num_classes" for item in overrides)
+        apply_data_key(cfg, num_classes_set=written)
+    return cfg
+
+
+def finish_config(cfg: dict) -> dict:
+    """Resolve the references of a composed config and validate the result; returns a new dict."""
+    resolved = resolve_references(cfg)
+    validate_config(resolved)
+    return resolved
+
+
+def config_from_checkpoint(checkpoint: dict | None, overrides: Iterable[str] = (), source: str = "the checkpoint") -> dict:
+    """The resolved config stored in one of our checkpoints, with ``overrides`` applied before references are
+    resolved, so ``-u eval_spatial_size=[320,320]`` reaches every place that uses it.
+
+    Checkpoints store the config with its references (``stored_config``). Older ones (and conversions) store it
+    resolved: the known uses of the top-level keys are linked again first (``link_references``).
+    ``data=PATH`` among the overrides fills the dataset paths from that folder, whose classes must match the
+    model's ``num_classes``.
+
+    Raises:
+        ConfigError when the checkpoint stores no config (a reference release) or an override does not fit.
+    """
+    stored = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{source} stores no config (a reference release?); pass the matching one with -c")
+    cfg = copy.deepcopy(stored) if _has_references(stored) else link_references(stored)
+    overrides = list(overrides)
+    _apply_overrides(cfg, overrides)
+    if any(item.split("=", 1)[0].strip() == "data" for item in overrides):
+        from dfine.data.layouts import apply_data_key
+
+        apply_data_key(cfg, num_classes_set=True)  # a trained model on another dataset: the classes must agree
+    return finish_config(cfg)
+
+
+def _apply_overrides(cfg: dict, overrides: list[str]) -> None:
     if overrides:
         # An override may set a constructor argument the file leaves at its default; the registries must be
         # filled to know those arguments. Imported here: the components themselves import this module.
@@ -119,15 +170,67 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
         import_components()
     for item in overrides:
         apply_override(cfg, item)
-    if cfg.get("data"):
-        from dfine.data.layouts import apply_data_key
 
-        written = "num_classes" in _read_yaml(Path(path), ()) or any(
-            item.split("=", 1)[0].strip() == "num_classes" for item in overrides)
-        apply_data_key(cfg, num_classes_set=written)
-    cfg = resolve_references(cfg)
-    validate_config(cfg)
-    return cfg
+
+# -- the config a checkpoint stores -------------------------------------------------------------------------------
+# Top-level keys whose uses deeper in the config are references to them, in every shipped config.
+LINKED_KEYS = ("num_classes", "eval_spatial_size", "remap_mscoco_category", "stop_epoch")
+
+# The configs load_config composed last, so that the trainer can store the one behind a resolved config it is
+# given (a few: a process loads one config for a run; tests load several).
+_RECENT_SOURCES: deque[dict] = deque(maxlen=8)
+
+
+def stored_config(cfg: dict) -> dict:
+    """What a checkpoint stores for the resolved ``cfg``: the config ``load_config`` composed it from, with its
+    references, when ``cfg`` is still exactly what that resolves to; otherwise (``cfg`` built or changed in code)
+    ``link_references(cfg)``. Either way an override on the stored config reaches every use of the key."""
+    for source in reversed(_RECENT_SOURCES):
+        if resolve_references(source) == cfg:
+            return copy.deepcopy(source)
+    return link_references(cfg)
+
+
+def link_references(cfg: dict) -> dict:
+    """A copy of a resolved ``cfg`` with the known uses of the ``LINKED_KEYS`` made references again:
+
+    - a key named like a linked top-level key (``model.decoder.num_classes``, ``model.encoder.eval_spatial_size``,
+      ``postprocessor.remap_mscoco_category``, ``train_dataloader.collate_fn.stop_epoch``, ...) holding the same
+      value becomes ``${key}``;
+    - the ``size`` of a ``Resize`` op equal to ``eval_spatial_size`` becomes ``${eval_spatial_size}``;
+    - the ``epoch`` of a ``stop_epoch`` augmentation policy equal to ``stop_epoch`` becomes ``${stop_epoch}``.
+
+    Other references of the original files (DEIM's per-op epoch lists) cannot be told from equal values and
+    stay values.
+    """
+    top = {key: cfg[key] for key in LINKED_KEYS if cfg.get(key) is not None}
+
+    def link(node):
+        if isinstance(node, list):
+            return [link(item) for item in node]
+        if not isinstance(node, dict):
+            return copy.deepcopy(node)
+        out = {}
+        for key, value in node.items():
+            if key in top and type(value) is type(top[key]) and value == top[key]:
+                out[key] = f"${{{key}}}"
+            else:
+                out[key] = link(value)
+        if node.get("type") == "Resize" and "eval_spatial_size" in top and node.get("size") == top["eval_spatial_size"]:
+            out["size"] = "${eval_spatial_size}"
+        if node.get("name") == "stop_epoch" and "stop_epoch" in top and node.get("epoch") == top["stop_epoch"]:
+            out["epoch"] = "${stop_epoch}"
+        return out
+
+    return {key: value if key in top else link(value) for key, value in cfg.items()}
+
+
+def _has_references(node) -> bool:
+    if isinstance(node, dict):
+        return any(_has_references(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_references(v) for v in node)
+    return isinstance(node, str) and _REFERENCE.search(node) is not None
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict:

@@ -151,7 +151,6 @@ MODEL_STRIDE = 32
 AMP_DTYPES = ("bfloat16", "float16", "bf16", "fp16")
 
 RUNTIME_SETTINGS: dict[str, Setting] = {
-    "task": choice("detection"),
     "num_classes": integer(1),
     "eval_spatial_size": Setting("size", multiple=MODEL_STRIDE),
     "remap_mscoco_category": boolean(),
@@ -190,7 +189,6 @@ RUNTIME_SETTINGS: dict[str, Setting] = {
     "tuning": path(),
     "tuning_class_map": choice("auto", "none"),
     "data": path(),
-    "pretrained_dir": path(),
 }
 """Every top-level key -> its type and range. A key in TOP_LEVEL_KEYS must have an entry (tests/test_settings.py)."""
 

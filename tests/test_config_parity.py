@@ -72,14 +72,15 @@ NOT_REPRODUCED = {
 CLASS_NAMES = {"HGNetv2": "HGNetV2", "RTDETR": "DFINE", "RTDETRCriterionv2": "DFINECriterion",
                "RTDETRPostProcessor": "DFINEPostProcessor"}
 # Top-level keys (reference -> ours); values compared as they are.
-RUNTIME_KEYS = {"epochs": "epochs", "epoches": "epochs", "task": "task", "num_classes": "num_classes",
+RUNTIME_KEYS = {"epochs": "epochs", "epoches": "epochs", "num_classes": "num_classes",
                 "eval_spatial_size": "eval_spatial_size", "clip_max_norm": "clip_max_norm", "use_amp": "use_amp",
                 "use_ema": "use_ema", "sync_bn": "sync_bn", "find_unused_parameters": "find_unused_parameters",
                 "checkpoint_freq": "checkpoint_freq", "print_freq": "print_freq"}
 # Reference keys that hold file locations or logging names, not the recipe: not compared. (`tuning`: the dsp
 # configs download their start weights from a URL; ours take the file with -t, named in each config's header.
-# `scaler`: the reference's GradScaler follows use_amp, which is compared.)
-NOT_COMPARED = {"output_dir", "img_folder", "ann_file", "root", "label_file", "local_model_dir", "exp_name",
+# `scaler`: the reference's GradScaler follows use_amp, which is compared. `task`: always `detection`, and nothing of
+# ours reads it.)
+NOT_COMPARED = {"task", "output_dir", "img_folder", "ann_file", "root", "label_file", "local_model_dir", "exp_name",
                 "project_name", "use_wandb", "evaluator", "__include__", "scaler", "tuning"}
 # Arguments the reference takes from the top level of its config (`__share__`), overriding the section.
 SHARED = {"DFINETransformer": ("num_classes", "eval_spatial_size"),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dfine.checkpoint import extract_state_dict, read_checkpoint
 from dfine.cli import common
-from dfine.config import ConfigError, load_config, resolve_references, validate_config
+from dfine.config import ConfigError, config_from_checkpoint, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("convert")
@@ -44,13 +44,7 @@ def to_hf(args: argparse.Namespace) -> None:
         raise ConfigError("--to-hf needs the checkpoint to convert (-r)")
     checkpoint = read_checkpoint(args.resume)
     state, where = extract_state_dict(checkpoint, args.resume)
-    if args.config:
-        cfg = load_config(args.config)
-    elif isinstance(checkpoint.get("config"), dict):
-        cfg = resolve_references(checkpoint["config"])
-        validate_config(cfg)
-    else:
-        raise ConfigError(f"{args.resume} stores no config (a reference release?); pass the matching one with -c")
+    cfg = load_config(args.config) if args.config else config_from_checkpoint(checkpoint, source=args.resume)
     out = convert_to_hf(cfg, state, args.output, classes=checkpoint.get("classes"), verify=not args.no_verify)
     logger.info("converted %s [%s] -> %s", args.resume, where, out)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dfine.checkpoint import CheckpointError, read_checkpoint
 from dfine.cli import common
-from dfine.config import ConfigError, apply_override, load_config, resolve_references, validate_config
+from dfine.config import ConfigError, config_from_checkpoint, load_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,19 +37,7 @@ def config_for(args: argparse.Namespace) -> dict:
     overrides.append(f"output_dir={args.output_dir or Path(args.resume).resolve().parent}")
     if args.config:
         return load_config(args.config, overrides)
-    checkpoint = read_checkpoint(args.resume)
-    cfg = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{args.resume} stores no config (a reference release?); pass the matching one with -c")
-    for item in overrides:
-        apply_override(cfg, item)
-    if any(item.startswith("data=") for item in overrides):  # another dataset for a trained model: classes must agree
-        from dfine.data.layouts import apply_data_key
-
-        apply_data_key(cfg, num_classes_set=True)
-    cfg = resolve_references(cfg)
-    validate_config(cfg)
-    return cfg
+    return config_from_checkpoint(read_checkpoint(args.resume), overrides, source=args.resume)
 
 
 def fetch_named(args: argparse.Namespace) -> None:

@@ -3,7 +3,6 @@ model with the checkpoint's weights, the postprocessor, and the class names that
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 
@@ -11,7 +10,7 @@ import torch.nn as nn
 
 import dfine
 from dfine.checkpoint import CheckpointError, read_checkpoint
-from dfine.config import ConfigError, apply_override, resolve_references, validate_config
+from dfine.config import ConfigError, config_from_checkpoint
 from dfine.data.classes import LabelMap
 
 logger = logging.getLogger(__name__)
@@ -29,22 +28,13 @@ def class_info(cfg: dict, checkpoint: dict | None) -> LabelMap:
 
 def resolve_config(checkpoint_path: str | os.PathLike | None, config_path: str | None, overrides=()) -> tuple[dict, dict | None]:
     """(config, checkpoint dict or None). ``config_path`` wins; otherwise the config stored in the checkpoint
-    under ``"config"`` is used, with ``overrides`` (``a.b=value``) applied and references re-resolved."""
+    (``dfine.config.config_from_checkpoint``, ``overrides`` reaching every use)."""
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path else None
     if config_path:
         return dfine.load_config(config_path, list(overrides)), checkpoint
-    stored = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    if not isinstance(stored, dict):
-        raise ConfigError(
-            f"{checkpoint_path} stores no config (a reference release?); pass the matching config with -c"
-            if checkpoint_path else "give a config (-c) or a checkpoint that stores one (-r)"
-        )
-    cfg = copy.deepcopy(stored)
-    for item in overrides:
-        apply_override(cfg, item)
-    cfg = resolve_references(cfg)
-    validate_config(cfg)
-    return cfg, checkpoint
+    if not checkpoint_path:
+        raise ConfigError("give a config (-c) or a checkpoint that stores one (-r)")
+    return config_from_checkpoint(checkpoint, overrides, source=str(checkpoint_path)), checkpoint
 
 
 def sampling_overrides(sampling: str | None) -> list[str]:

@@ -1,6 +1,7 @@
 """Training and evaluation engine. Registering modules are imported here explicitly.
 
-    trainer.py        run(cfg): the whole job in reading order
+    trainer.py        run(cfg): the whole job in reading order (build, then fit or evaluate only)
+    run_settings.py   RunSettings: the runtime keys, read once (defaults: configs/base/runtime.yml)
     loop.py           one training epoch, one evaluation pass
     phases.py         the training phases; build.py: optimizer, schedules, EMA from the config
     optim.py          optimizers with parameter groups, learning-rate schedules

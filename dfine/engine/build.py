@@ -57,13 +57,3 @@ def build_ema(cfg: dict, model: nn.Module) -> ModelEMA | None:
         return None
     section = cfg.get("ema") or {"type": "ModelEMA"}
     return EMAS.build(section, "ema", model=model)
-
-
-def amp_settings(cfg: dict, device: torch.device) -> tuple[bool, torch.dtype]:
-    """(enabled, dtype) for autocast. float16 is paired with a GradScaler by the trainer."""
-    enabled = bool(cfg.get("use_amp", False))
-    name = cfg.get("amp_dtype") or ("float16" if device.type == "cuda" else "bfloat16")
-    dtypes = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in dtypes:
-        raise ConfigError(f"`amp_dtype` must be bfloat16 or float16, not {name!r}")
-    return enabled, dtypes[name]

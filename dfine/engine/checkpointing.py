@@ -6,9 +6,11 @@ Layout (a superset of the reference solver's, so reference tools read ours and w
      "lr_warmup_scheduler", "scaler", "last_epoch", "global_step", "rng", "config", "classes", "date",
      "epoch_position", "unreadable_samples"}
 
-``last_epoch`` is the last finished epoch (the next run starts at ``last_epoch + 1``). A step checkpoint
-(``checkpoint_every_steps``) also holds ``epoch_position`` (``EpochProgress.as_dict()`` plus ``world_size``,
-``batch_size`` and ``rng_per_rank``): the run resumes inside that epoch, at its next batch (step_checkpoint.py). Everything is plain
+``config`` keeps its ``${...}`` references (``dfine.config.stored_config``; read back with
+``dfine.config.config_from_checkpoint``). ``last_epoch`` is the last finished epoch (the next run starts at
+``last_epoch + 1``). A step checkpoint (``checkpoint_every_steps``) also holds ``epoch_position``
+(``EpochProgress.as_dict()`` plus ``world_size``, ``batch_size`` and ``rng_per_rank``): the run resumes inside that
+epoch, at its next batch (step_checkpoint.py). Everything is plain
 tensors, numbers, strings, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it.
 """
 

@@ -43,7 +43,7 @@ def resolve_device(name: str | None) -> torch.device:
 def init_distributed(device: torch.device, timeout_minutes: float = 30) -> bool:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1). Returns True when distributed.
     ``timeout_minutes`` bounds every collective: a rank that died or hangs makes the others fail after that
-    long instead of waiting forever (see ``CollectiveTimeout``)."""
+    long instead of waiting forever (see ``dfine.errors.CollectiveTimeout``)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 or is_distributed():
         return is_distributed()
@@ -124,10 +124,6 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() > 0)
-
-
-class CollectiveTimeout(RuntimeError):
-    """A collective (gradient all-reduce, barrier, step check) that did not complete in ``dist_timeout_minutes``."""
 
 
 def is_collective_failure(err: BaseException) -> bool:

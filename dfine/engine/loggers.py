@@ -75,7 +75,7 @@ class ExperimentLoggers:
         self.backends: list = []
         for name, options in loggers:
             if name == "tensorboard":
-                self.tensorboard = _tensorboard(cfg, output_dir)
+                self.tensorboard = tensorboard_writer(cfg, output_dir)
             elif name == "wandb":
                 self.backends.append(WandbBackend(cfg, output_dir, options, resume))
             elif name == "mlflow":
@@ -109,7 +109,8 @@ class ExperimentLoggers:
         raise AttributeError(name)
 
 
-def _tensorboard(cfg: dict, output_dir: Path):
+def tensorboard_writer(cfg: dict, output_dir: Path):
+    """A SummaryWriter in ``summary_dir`` (default: output_dir/summary) that starts with the config as text."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(cfg.get("summary_dir") or Path(output_dir) / "summary"))

@@ -13,17 +13,15 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from dfine.data.classes import LabelMap
 from dfine.data.coco import DatasetError
 from dfine.data.sample_access import pop_bad_sample_notes
 from dfine.engine import preemption
 from dfine.engine.checkpointing import restore_rng_state
 from dfine.engine.distributed import get_rank, is_main_process, reduce_mean, sum_over_ranks
+from dfine.errors import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 @dataclass
@@ -257,7 +255,9 @@ def _optimizer_step(model, optimizer, scaler, settings: StepSettings) -> bool:
 def evaluate(model: nn.Module, postprocessor: nn.Module, loader, evaluator, device: torch.device, label_to_category=None, use_amp=False, amp_dtype=torch.bfloat16):
     """Run ``model`` (eval mode) over ``loader``, postprocess to detections in original-image pixels, feed the
     COCO evaluator and return its EvalResult (gathered over ranks). ``label_to_category`` maps contiguous labels
-    to dataset category ids when the postprocessor does not remap them itself."""
+    to dataset category ids when the postprocessor does not remap them itself: labels are mapped in exactly one
+    of the two places, both through LabelMap (dfine/data/classes.py)."""
+    labels_map = None if label_to_category is None else LabelMap(label_to_category=label_to_category)
     model.eval()
     evaluator.reset()
     progress = tqdm(loader, desc="eval", disable=not is_main_process(), dynamic_ncols=True, mininterval=2.0)
@@ -272,9 +272,7 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, loader, evaluator, devi
         detections = postprocessor(to_float32(outputs), orig_sizes)
         batch = {}
         for target, det in zip(targets, detections):
-            labels = det["labels"]
-            if label_to_category is not None:
-                labels = torch.tensor([label_to_category.get(int(l), int(l)) for l in labels.tolist()], dtype=torch.long)
+            labels = det["labels"] if labels_map is None else labels_map.map_labels(det["labels"])
             batch[int(target["image_id"].reshape(-1)[0])] = {"boxes": det["boxes"], "scores": det["scores"], "labels": labels}
         evaluator.update(batch)
     progress.close()

@@ -6,20 +6,23 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import dfine
 from dfine.checkpoint import read_checkpoint
-from dfine.config import config_to_yaml, dump_config
+from dfine.config import dump_config, stored_config
 from dfine.engine import distributed as dist_utils
-from dfine.engine.build import amp_settings, build_ema, build_optimizer, build_schedulers, warmup_steps
+from dfine.engine.build import build_ema, build_optimizer, build_schedulers, warmup_steps
 from dfine.engine.checkpointing import atomic_save, load_for_tuning, restore_training_state, training_state
 from dfine.engine import preemption
 from dfine.engine.ema import unwrap
-from dfine.engine.loggers import ExperimentLoggers
+from dfine.engine.loggers import ExperimentLoggers, tensorboard_writer
 from dfine.engine.logs import setup_logging
 from dfine.engine.loop import EpochProgress, StepSettings, TrainState, evaluate, train_one_epoch
 from dfine.engine.monitor import TrainingMonitor, finished_by_early_stopping, validate_workflow_config
@@ -27,7 +30,9 @@ from dfine.engine.optim import describe_param_groups
 from dfine.engine.phases import PhaseSchedule
 from dfine.engine.preflight import run_preflight
 from dfine.engine.reporting import MetricsLog, checkpoint_label_map, dataset_gt_and_labels, log_eval_result
+from dfine.engine.run_settings import RunSettings
 from dfine.engine.step_checkpoint import StepCheckpointer, resume_position, save_on_main
+from dfine.errors import CollectiveTimeout
 from dfine.evaluation import CocoEvaluator
 
 logger = logging.getLogger(__name__)
@@ -46,17 +51,16 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def run(cfg: dict, resume: str | None = None, test_only: bool = False) -> int:
     """Train (or with ``test_only`` evaluate) as configured. Returns a process exit code."""
-    device = dist_utils.resolve_device(cfg.get("device"))
-    dist_utils.init_distributed(device, timeout_minutes=float(cfg.get("dist_timeout_minutes") or 30))
+    settings = RunSettings.from_config(cfg)
+    device = dist_utils.resolve_device(settings.device)
+    dist_utils.init_distributed(device, timeout_minutes=float(settings.dist_timeout_minutes))
     rank = dist_utils.get_rank()
-    output_dir = Path(cfg.get("output_dir") or "output")
-    setup_logging(output_dir, rank, "eval.log" if test_only else "train.log")
-    seed = int(cfg.get("seed") or 0)
-    seed_everything(seed + rank)
+    setup_logging(settings.output_dir, rank, "eval.log" if test_only else "train.log")
+    seed_everything(settings.seed + rank)
     together = False  # every rank leaves at the same point: wait for the others before leaving the group
     try:
         with preemption.StopSignalHandler():
-            code = _run(cfg, device, output_dir, seed, resume, test_only)
+            code = _run(cfg, settings, device, resume, test_only)
         together = True
         return code
     except preemption.Preempted as stop:
@@ -68,33 +72,65 @@ def run(cfg: dict, resume: str | None = None, test_only: bool = False) -> int:
         dist_utils.cleanup_distributed(wait_for_others=together)
 
 
-def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: str | None, test_only: bool) -> int:
-    main = dist_utils.is_main_process()
+@dataclass
+class Evaluation:
+    """What evaluating a model on the validation set needs, built once for the run."""
+
+    model: nn.Module  # the bare model (the EMA copy is evaluated in its place during training)
+    postprocessor: nn.Module
+    loader: Any
+    evaluator: CocoEvaluator
+    label_to_category: dict | None  # contiguous label -> category id (None: the postprocessor maps them)
+    classes: dict  # the class description stored in checkpoints
+    device: torch.device
+    use_amp: bool
+    amp_dtype: torch.dtype
+
+    def __call__(self, model: nn.Module):
+        """Evaluate ``model`` (the bare one, its EMA copy or a loaded checkpoint's) -> EvalResult."""
+        return evaluate(model, self.postprocessor, self.loader, self.evaluator, self.device, self.label_to_category,
+                        self.use_amp, self.amp_dtype)
+
+
+def _run(cfg: dict, settings: RunSettings, device: torch.device, resume: str | None, test_only: bool) -> int:
     if not test_only:
         validate_workflow_config(cfg)  # early_stopping, time_limit, loggers: before anything is built
-    if main and not test_only:
-        dump_config(cfg, output_dir / "config.yml")
-        logger.info("resolved config written to %s", output_dir / "config.yml")
+    if dist_utils.is_main_process() and not test_only:
+        dump_config(cfg, settings.output_dir / "config.yml")
+        logger.info("resolved config written to %s", settings.output_dir / "config.yml")
+    built = _build(cfg, settings, device, resume, test_only)
+    if built is None:
+        return 3
+    train_loader, evaluation = built
+    if test_only:
+        return _evaluate_only(cfg, settings, evaluation, resume)
+    return _fit(cfg, settings, train_loader, evaluation, resume)
 
-    # --- data, checked before any model is built
+
+def _build(cfg: dict, settings: RunSettings, device: torch.device, resume: str | None, test_only: bool):
+    """(train loader or None, Evaluation): the data, checked before any model is built, then the model (with
+    ``tuning`` weights), postprocessor and evaluator. None when the data check fails."""
     train_loader = None if test_only else dfine.build_dataloader(cfg, "train")
     val_loader = dfine.build_dataloader(cfg, "val")
-    if not run_preflight({"train": train_loader, "val": val_loader}, cfg.get("num_classes")):
-        return 3
+    if not run_preflight({"train": train_loader, "val": val_loader}, settings.num_classes):
+        return None
 
-    # --- model
     model = dfine.build_model(cfg, load_pretrained=not (resume or test_only))
-    if cfg.get("tuning") and not resume:
-        load_for_tuning(model, cfg["tuning"], getattr(train_loader.dataset, "class_names", None), cfg.get("tuning_class_map") or "auto")
+    if settings.tuning and not resume:
+        load_for_tuning(model, settings.tuning, getattr(train_loader.dataset, "class_names", None), settings.tuning_class_map)
     model.to(device)
     postprocessor = dfine.build_postprocessor(cfg).to(device)
     gt, label_to_category, classes = dataset_gt_and_labels(val_loader.dataset, postprocessor)
-    evaluator = CocoEvaluator(gt)
-    use_amp, amp_dtype = amp_settings(cfg, device)
+    use_amp, amp_dtype = settings.amp(device)
+    return train_loader, Evaluation(model, postprocessor, val_loader, CocoEvaluator(gt), label_to_category, classes,
+                                    device, use_amp, amp_dtype)
 
-    if test_only:
-        return _evaluate_only(cfg, model, postprocessor, val_loader, evaluator, device, resume, output_dir, label_to_category, use_amp, amp_dtype)
 
+def _fit(cfg: dict, settings: RunSettings, train_loader, evaluation: Evaluation, resume: str | None) -> int:
+    """Criterion, optimizer, schedules, EMA, the resumed state (``_resume``), then the epochs with their
+    evaluation and checkpoints."""
+    model, postprocessor, device, output_dir = evaluation.model, evaluation.postprocessor, evaluation.device, settings.output_dir
+    classes, val_loader = evaluation.classes, evaluation.loader
     # --- criterion
     criterion = dfine.build_criterion(cfg).to(device)
 
@@ -103,56 +139,45 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
     multi_scale = getattr(train_loader.collate_fn, "scales", None) is not None
     schedule = PhaseSchedule.from_config(cfg, len(train_loader), warmup_steps(cfg), multi_scale=multi_scale)
     lr_scheduler, lr_warmup_scheduler = build_schedulers(cfg, optimizer, schedule)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=evaluation.use_amp and evaluation.amp_dtype == torch.float16)
 
     # --- EMA
     ema = build_ema(cfg, model)
 
     # --- resume
-    start_epoch, state, best, checkpoint = 0, TrainState(), {}, None
     batch_size = train_loader.batch_sampler.batch_size
-    position, resume_rng = None, None  # where a run resumed inside an epoch continues
-    if resume:
-        checkpoint = read_checkpoint(resume)
-        if cfg.get("early_stopping") and finished_by_early_stopping(checkpoint):
-            logger.info("%s ends a run that stopped early (%s): nothing to do (early_stopping: null trains on)", resume, finished_by_early_stopping(checkpoint))
-            return 0
-        restored = restore_training_state(
-            checkpoint, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
-            lr_warmup_scheduler=lr_warmup_scheduler, scaler=scaler, source=resume,
-        )
-        start_epoch, state.global_step, best = restored["last_epoch"] + 1, restored["global_step"], restored["best"]
-        state.unreadable_samples = restored["unreadable_samples"]
-        position, resume_rng = resume_position(restored["epoch_position"], batch_size, resume)
-        if position is not None:
-            start_epoch = position.epoch
-        logger.info("resumed from %s: epoch %d%s, optimizer step %d", resume, start_epoch,
-                    f" at batch {position.batch}" if position else "", state.global_step)
+    resumed = _resume(resume, settings, batch_size, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                      lr_warmup_scheduler=lr_warmup_scheduler, scaler=scaler)
+    if resumed is None:
+        return 0
+    start_epoch, state, best = resumed.start_epoch, resumed.state, resumed.best
+    position, resume_rng = resumed.position, resumed.rng  # where a run resumed inside an epoch continues
 
     train_model = dist_utils.wrap_model(
-        model, device, sync_bn=bool(cfg.get("sync_bn")), find_unused_parameters=bool(cfg.get("find_unused_parameters"))
+        model, device, sync_bn=bool(settings.sync_bn), find_unused_parameters=bool(settings.find_unused_parameters)
     )
-    settings = StepSettings(
-        device=device, use_amp=use_amp, amp_dtype=amp_dtype, clip_max_norm=float(cfg.get("clip_max_norm") or 0),
-        accumulation=schedule.accumulation, max_bad_steps=int(cfg.get("max_bad_steps") or 10),
-        print_freq=int(cfg.get("print_freq") or 10), skip_bad_samples=bool(cfg.get("skip_bad_samples")),
+    step_settings = StepSettings(
+        device=device, use_amp=evaluation.use_amp, amp_dtype=evaluation.amp_dtype, clip_max_norm=settings.clip_max_norm,
+        accumulation=schedule.accumulation, max_bad_steps=settings.max_bad_steps,
+        print_freq=settings.print_freq, skip_bad_samples=bool(settings.skip_bad_samples),
     )
     logger.info("optimizer %s, parameter groups:\n%s", type(optimizer).__name__, describe_param_groups(optimizer))
     logger.info("training schedule:\n%s", schedule.table())
     writer = ExperimentLoggers(cfg, output_dir, resume=bool(resume)) if dist_utils.is_main_process() else None
     metrics = MetricsLog(output_dir / "metrics.json", resume=bool(resume))
-    monitor = TrainingMonitor(cfg, output_dir, schedule, train_loader, start_epoch, checkpoint, dist_utils.is_main_process())
-    del checkpoint
+    monitor = TrainingMonitor(cfg, output_dir, schedule, train_loader, start_epoch, resumed.checkpoint, dist_utils.is_main_process())
+    del resumed  # and with it the checkpoint read for the resume
+    stored = stored_config(cfg)  # with its ${...} references: an override on it reaches every use
     per_epoch_scheduler = lr_scheduler is not None and not getattr(lr_scheduler, "step_per_iteration", False)
 
     def state_at_step(epoch_position: dict) -> dict:  # a step checkpoint: inside the epoch after `last_epoch`
         return training_state(
             model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_scheduler=lr_warmup_scheduler,
-            scaler=scaler, last_epoch=epoch_position["epoch"] - 1, global_step=state.global_step, config=cfg,
+            scaler=scaler, last_epoch=epoch_position["epoch"] - 1, global_step=state.global_step, config=stored,
             classes=classes, best=best, epoch_position=epoch_position, unreadable_samples=state.unreadable_samples,
         ) | monitor.checkpoint_entries(epoch_position["epoch"] - 1, None)
 
-    step_checkpointer = StepCheckpointer(cfg.get("checkpoint_every_steps") or 0, output_dir, state_at_step, state, batch_size)
+    step_checkpointer = StepCheckpointer(settings.checkpoint_every_steps, output_dir, state_at_step, state, batch_size)
     for epoch in range(start_epoch, schedule.epochs):
         monitor.start_epoch()
         if position is not None and position.epoch == epoch:
@@ -160,25 +185,25 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
             train_loader.set_epoch(epoch, start_step=position.batch)
         else:
             position, resume_rng = EpochProgress(epoch), None
-            seed_everything(epoch_seed(seed, epoch, dist_utils.get_rank()))
+            seed_everything(epoch_seed(settings.seed, epoch, dist_utils.get_rank()))
             train_loader.set_epoch(epoch)
             if schedule.is_switch_epoch(epoch):
                 enter_no_augmentation_phase(
                     epoch, train_loader, ema, model, optimizer, output_dir,
-                    reload_best=bool(cfg.get("reload_best_at_stop_epoch", True)),
+                    reload_best=bool(settings.reload_best_at_stop_epoch),
                 )
 
         try:
             train_stats = train_one_epoch(
-                train_model, criterion, train_loader, optimizer, settings, state, epoch=epoch, scaler=scaler, ema=ema,
+                train_model, criterion, train_loader, optimizer, step_settings, state, epoch=epoch, scaler=scaler, ema=ema,
                 lr_warmup_scheduler=lr_warmup_scheduler, lr_scheduler=lr_scheduler, writer=writer,
                 progress_state=position, rng_state=resume_rng, after_step=step_checkpointer,
             )
         except RuntimeError as err:
             if dist_utils.is_distributed() and dist_utils.is_collective_failure(err):
-                raise dist_utils.CollectiveTimeout(
+                raise CollectiveTimeout(
                     f"rank {dist_utils.get_rank()}: a collective failed or did not complete within "
-                    f"dist_timeout_minutes={cfg.get('dist_timeout_minutes') or 30} at epoch {epoch}, after optimizer step "
+                    f"dist_timeout_minutes={settings.dist_timeout_minutes} at epoch {epoch}, after optimizer step "
                     f"{state.global_step} (another rank died or hangs): {str(err).strip().splitlines()[0]}"
                 ) from None
             raise
@@ -186,7 +211,7 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
             lr_scheduler.step()
 
         eval_model = ema.module if ema is not None else model
-        result = evaluate(eval_model, postprocessor, val_loader, evaluator, device, label_to_category, use_amp, amp_dtype)
+        result = evaluation(eval_model)
         is_best = result.ap > best.get("ap", -1.0)
         if is_best:
             best = {"ap": result.ap, "epoch": epoch}
@@ -194,19 +219,19 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
         if dist_utils.is_main_process():
             log_eval_result(result, epoch, writer)
             metrics.add(epoch, train_stats, result, best, schedule.phase(epoch),
-                        extra={"unreadable_samples": position.unreadable_samples} if settings.skip_bad_samples else None)
+                        extra={"unreadable_samples": position.unreadable_samples} if step_settings.skip_bad_samples else None)
             monitor.record(epoch, optimizer, train_stats, result, is_best, stop)
             if epoch == schedule.epochs - 1 or stop:  # visual reports of the final model, also to TensorBoard
                 from dfine.evaluation.reports import write_reports_for_dataset
 
-                write_reports_for_dataset(result, evaluator.gt, val_loader.dataset, output_dir / "reports", writer, epoch)
+                write_reports_for_dataset(result, evaluation.evaluator.gt, val_loader.dataset, output_dir / "reports", writer, epoch)
             logger.info("epoch %d: AP %.4f (best %.4f at epoch %d); checkpoints in %s", epoch, result.ap, best["ap"], best["epoch"], output_dir)
         save_on_main(lambda: _save_epoch_checkpoints(
             training_state(
                 model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_scheduler=lr_warmup_scheduler,
-                scaler=scaler, last_epoch=epoch, global_step=state.global_step, config=cfg, classes=classes, best=best,
+                scaler=scaler, last_epoch=epoch, global_step=state.global_step, config=stored, classes=classes, best=best,
                 unreadable_samples=state.unreadable_samples,
-            ) | monitor.checkpoint_entries(epoch, stop), output_dir, epoch, is_best, int(cfg.get("checkpoint_freq") or 0),
+            ) | monitor.checkpoint_entries(epoch, stop), output_dir, epoch, is_best, settings.checkpoint_freq,
         ))
         dist_utils.barrier()
         if stop:
@@ -219,6 +244,36 @@ def _run(cfg: dict, device: torch.device, output_dir: Path, seed: int, resume: s
         _after_training(cfg, model, ema, postprocessor, val_loader, device, output_dir)
         logger.info(monitor.closing_lines(best))
     return 0
+
+
+@dataclass
+class Resumed:
+    """Where training starts: the beginning, or the state restored from a checkpoint."""
+
+    start_epoch: int = 0
+    state: TrainState = field(default_factory=TrainState)
+    best: dict = field(default_factory=dict)
+    position: EpochProgress | None = None  # set when the run resumes inside an epoch
+    rng: Any = None  # the RNG states to continue that epoch with
+    checkpoint: dict | None = None  # read once; the monitor takes its early-stopping state
+
+
+def _resume(resume: str | None, settings: RunSettings, batch_size: int, **objects) -> Resumed | None:
+    """Restore ``objects`` (model, ema, optimizer, lr_scheduler, lr_warmup_scheduler, scaler) from ``resume``.
+    None when that checkpoint ends a run that stopped early: there is nothing left to train."""
+    if not resume:
+        return Resumed()
+    checkpoint = read_checkpoint(resume)
+    if settings.early_stopping and finished_by_early_stopping(checkpoint):
+        logger.info("%s ends a run that stopped early (%s): nothing to do (early_stopping: null trains on)", resume, finished_by_early_stopping(checkpoint))
+        return None
+    restored = restore_training_state(checkpoint, **objects, source=resume)
+    state = TrainState(global_step=restored["global_step"], unreadable_samples=restored["unreadable_samples"])
+    position, rng = resume_position(restored["epoch_position"], batch_size, resume)
+    start_epoch = position.epoch if position is not None else restored["last_epoch"] + 1
+    logger.info("resumed from %s: epoch %d%s, optimizer step %d", resume, start_epoch,
+                f" at batch {position.batch}" if position else "", state.global_step)
+    return Resumed(start_epoch, state, restored["best"], position, rng, checkpoint)
 
 
 def _save_epoch_checkpoints(ckpt: dict, output_dir: Path, epoch: int, is_best: bool, freq: int) -> None:
@@ -256,19 +311,23 @@ def enter_no_augmentation_phase(
         ema.restart()
 
 
-def _evaluate_only(cfg, model, postprocessor, val_loader, evaluator, device, resume, output_dir, label_to_category, use_amp, amp_dtype) -> int:
+def _evaluate_only(cfg: dict, settings: RunSettings, evaluation: Evaluation, resume: str | None) -> int:
+    """Evaluate ``resume``'s weights (EMA when present) with the label map it was trained with; metrics to the
+    log, TensorBoard, ``eval_metrics.json`` and the visual reports."""
+    output_dir = settings.output_dir
     step = 0  # TensorBoard points go at the checkpoint's epoch, beside the curves of the run that wrote it
     if resume:
         checkpoint = read_checkpoint(resume)  # read once: weights (EMA when present), class map, epoch
-        dfine.load_checkpoint(model, checkpoint, source=str(resume))
-        if not getattr(postprocessor, "remap_mscoco_category", False):
-            label_to_category = checkpoint_label_map(checkpoint.get("classes"), label_to_category, resume)
+        dfine.load_checkpoint(evaluation.model, checkpoint, source=str(resume))
+        if not getattr(evaluation.postprocessor, "remap_mscoco_category", False):
+            trained_map = checkpoint_label_map(checkpoint.get("classes"), evaluation.label_to_category, resume)
+            evaluation = replace(evaluation, label_to_category=trained_map)
         epoch = checkpoint.get("last_epoch")
         step = epoch if isinstance(epoch, int) and epoch >= 0 else 0
         del checkpoint
-    result = evaluate(model, postprocessor, val_loader, evaluator, device, label_to_category, use_amp, amp_dtype)
+    result = evaluation(evaluation.model)
     if dist_utils.is_main_process():
-        writer = _summary_writer(cfg, output_dir)
+        writer = tensorboard_writer(cfg, output_dir)
         log_eval_result(result, None, writer, step=step)
         path = output_dir / "eval_metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,17 +335,9 @@ def _evaluate_only(cfg, model, postprocessor, val_loader, evaluator, device, res
         logger.info("metrics written to %s", path)
         from dfine.evaluation.reports import write_reports_for_dataset  # PR curves, confusion matrix, grid (PNG)
 
-        write_reports_for_dataset(result, evaluator.gt, val_loader.dataset, output_dir / "reports", writer, step)
+        write_reports_for_dataset(result, evaluation.evaluator.gt, evaluation.loader.dataset, output_dir / "reports", writer, step)
         writer.close()
     return 0
-
-
-def _summary_writer(cfg: dict, output_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(cfg.get("summary_dir") or output_dir / "summary"))
-    writer.add_text("config", "```\n" + config_to_yaml(cfg) + "\n```", 0)
-    return writer
 
 
 def _after_training(cfg, model, ema, postprocessor, val_loader, device, output_dir: Path) -> None:
