@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("infer", "detect objects in images, a folder or a video (checkpoint or ONNX)"),
     "export": ("export_onnx", "export to ONNX and check the file reproduces PyTorch"),
     "convert": ("convert", "convert between our checkpoints and Hugging Face model folders"),
-    "check-data": ("check_dataset", "check a COCO-format dataset before training"),
+    "check-data": ("check_dataset", "check a dataset before training (COCO json, or --data in any layout)"),
     "benchmark": ("benchmark", "time the train step, the eval forward or the data pipeline"),
 }
 
