@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dfine
-import test_engine_trainer  # noqa: F401  (registers the tiny stand-in detector used for the short trainings)
+from test_engine_trainer import write_tiny_config  # also registers the tiny stand-in detector
 from dfine.cli import check_dataset as check_tool
 from dfine.cli import train as train_tool
 from dfine.config import ConfigError, load_config
@@ -65,28 +65,16 @@ def test_three_layouts_same_classes_and_targets(layouts):
 
 def _tiny_config(tmp_path: Path) -> Path:
     """The tiny stand-in detector with every run setting in the file, so the command line carries only data=."""
-    base = REPO / "configs" / "base"
-    path = tmp_path / "tiny_data.yml"
-    path.write_text(f"""
-__include__: ['{base}/runtime.yml', '{base}/custom_detection.yml', '{base}/optimizer.yml', '{base}/dataloader.yml']
-eval_spatial_size: [64, 64]
-model:
-  type: TinyDetector
-  backbone: {{type: TinyBackbone}}
-  encoder: {{type: TinyEncoder}}
-  decoder: {{type: TinyDecoder, num_classes: '${{num_classes}}'}}
-criterion: {{type: TinyCriterion, num_classes: '${{num_classes}}', matcher: {{type: TinyMatcher}}}}
-postprocessor: {{type: TinyPostProcessor}}
+    return write_tiny_config(tmp_path / "tiny_data.yml", ["runtime", "custom_detection", "optimizer", "dataloader"], """
 device: cpu
 epochs: 1
 stop_epoch: 1
 print_freq: 1
-lr_warmup_scheduler: {{type: LinearWarmup, warmup_duration: 1}}
-lr_scheduler: {{type: MultiStepLR, milestones: [10], gamma: 0.1}}
-train_dataloader: {{total_batch_size: 4, num_workers: 0, collate_fn: {{base_size: 64, base_size_repeat: ~}}}}
-val_dataloader: {{total_batch_size: 4, num_workers: 0}}
+lr_warmup_scheduler: {type: LinearWarmup, warmup_duration: 1}
+lr_scheduler: {type: MultiStepLR, milestones: [10], gamma: 0.1}
+train_dataloader: {total_batch_size: 4, num_workers: 0, collate_fn: {base_size: 64, base_size_repeat: ~}}
+val_dataloader: {total_batch_size: 4, num_workers: 0}
 """)
-    return path
 
 
 @pytest.mark.parametrize("kind", ["coco", "roboflow", "yolo"])

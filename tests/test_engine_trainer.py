@@ -104,12 +104,12 @@ for _registry, _cls in ((BACKBONES, TinyBackbone), (ENCODERS, TinyEncoder), (DEC
     _register(_registry, _cls)
 
 
-def tiny_config(tmp_path: Path, output: str, extra=()) -> dict:
-    base = REPO / "configs" / "base"
-    path = tmp_path / "tiny.yml"
-    path.write_text(
-        f"""
-__include__: ['{base}/runtime.yml', '{base}/optimizer.yml', '{base}/dataloader.yml', '{base}/synthetic_detection.yml']
+def write_tiny_config(path: Path, bases: list[str], settings: str = "") -> Path:
+    """A config file for the tiny stand-in detector at 64 px: ``configs/base/<name>.yml`` for each of ``bases``
+    (in that order: later files override earlier ones), then ``settings`` (more YAML)."""
+    includes = ", ".join(f"'{REPO / 'configs' / 'base' / name}.yml'" for name in bases)
+    path.write_text(f"""
+__include__: [{includes}]
 eval_spatial_size: [64, 64]
 model:
   type: TinyDetector
@@ -118,8 +118,12 @@ model:
   decoder: {{type: TinyDecoder, num_classes: '${{num_classes}}'}}
 criterion: {{type: TinyCriterion, num_classes: '${{num_classes}}', matcher: {{type: TinyMatcher}}}}
 postprocessor: {{type: TinyPostProcessor}}
-"""
-    )
+""" + settings)
+    return path
+
+
+def tiny_config(tmp_path: Path, output: str, extra=()) -> dict:
+    path = write_tiny_config(tmp_path / "tiny.yml", ["runtime", "optimizer", "dataloader", "synthetic_detection"])
     overrides = [
         f"output_dir={tmp_path / output}", "device=cpu", "use_amp=false", "epochs=3", "stop_epoch=2", "seed=7",
         "print_freq=1", "checkpoint_freq=2", "optimizer.lr=0.01", "optimizer.params.0.lr=0.01",

@@ -310,21 +310,23 @@ class DFINECriterion(nn.Module):
         pred = out["pred_boxes"][m.batch_idx, m.query_idx]
         return elementwise_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(m.boxes)).detach()
 
+    def _target_quality(self, out: dict, m: Matched) -> Tensor:
+        """[M] the classification target of each matched prediction (VFL and MAL): the box quality when the
+        outputs carry one, else the IoU of the matched boxes."""
+        quality = self._box_quality(out, m)
+        return quality if quality is not None else self._matched_ious(out, m)
+
     def _vfl(self, out: dict, h: Head) -> dict[str, Tensor]:
         if "loss_vfl" not in self.weight_dict:
             return {}
         m = h.classification
-        quality = self._box_quality(out, m)
-        ious = quality if quality is not None else self._matched_ious(out, m)
-        loss = L.varifocal_loss(out["pred_logits"], m.batch_idx, m.query_idx, m.labels, ious,
+        loss = L.varifocal_loss(out["pred_logits"], m.batch_idx, m.query_idx, m.labels, self._target_quality(out, m),
                                 h.num_classification, self.alpha, self.gamma)
         return {"loss_vfl": loss}
 
     def _mal(self, out: dict, h: Head) -> dict[str, Tensor]:
         m = h.classification
-        quality = self._box_quality(out, m)
-        ious = quality if quality is not None else self._matched_ious(out, m)
-        loss = L.matchability_aware_loss(out["pred_logits"], m.batch_idx, m.query_idx, m.labels, ious,
+        loss = L.matchability_aware_loss(out["pred_logits"], m.batch_idx, m.query_idx, m.labels, self._target_quality(out, m),
                                          h.num_classification, self.gamma, self.mal_alpha)
         return {"loss_mal": loss}
 
