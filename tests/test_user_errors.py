@@ -109,6 +109,7 @@ CASES = [
     ("benchmark", ["eval", "-c", DEMO, "--runs", "0"], ["--runs", "0"], 2),
     ("benchmark", ["eval", "-c", DEMO, "--json", "blocker/b.json"], ["--json", "blocker"], 2),
     ("benchmark", ["eval", "-c", DEMO, "-u", "epochs=many"], ["epochs", "'many'"], 2),
+    ("benchmark", ["model", "-c", DEMO, "--profile"], ["--profile", "'model'", "train and eval"], 2),
     ("convert", ["--from-hf", "no_such_dir", "-o", "x.pth"], ["--from-hf", "no_such_dir"], 2),
     ("convert", ["--to-hf", "-r", "missing.pth", "-o", "hf"], ["-r", "missing.pth"], 2),
     ("convert", ["--to-hf", "-r", "empty.pth", "-o", "blocker/hf"], ["-o", "blocker"], 2),

@@ -5,6 +5,7 @@
     python tools/benchmark.py data -c configs/dfine_n_demo.yml            # images/s of the train loader
     python tools/benchmark.py model -c configs/dfine_n_coco.yml           # params, FLOPs, eval latency: eager, compiled, onnxruntime
     python tools/benchmark.py all -c configs/dfine_n_coco.yml             # model + train + data, one table
+    python tools/benchmark.py train -c configs/dfine_n_coco.yml --profile # + torch.profiler top ops (forward, backward)
 
 Defaults: fp32 on the CPU, torch.set_num_threads(2), 640x640, batch 2 (train, with the reference's targets_640
 from ../shared/reference/inputs.pt when present) or 1 (eval), median of 5 timed runs after 2 warm-ups.
@@ -43,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", default="benchmark.json", help="where the results go")
     parser.add_argument("--no-compile", action="store_true", help="model/all: skip the torch.compile latency")
     parser.add_argument("--no-onnx", action="store_true", help="model/all: skip the onnxruntime latency")
+    parser.add_argument("--profile", action="store_true",
+                        help="train/eval: after timing, profile one more step and print the top ops by self CPU time")
+    parser.add_argument("--profile-rows", type=int, default=25, help="rows of each --profile table")
     return parser.parse_args(argv)
 
 
@@ -112,7 +116,20 @@ def bench_train(cfg: dict, args, device: torch.device) -> dict:
             step = t_fwd + t_crit + t_bwd + t_clip + t_step
             for name, value in zip(phases, (t_fwd, t_crit, t_bwd, t_clip, t_step, step, t_ema, cpu)):
                 phases[name].append(value)
-    return {"batch": batch, "inputs": source, "median_s": {k: statistics.median(v) for k, v in phases.items()}, "runs_s": phases}
+    result = {"batch": batch, "inputs": source, "median_s": {k: statistics.median(v) for k, v in phases.items()}, "runs_s": phases}
+    if args.profile:
+        profiles = {}
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with profiled(profiles, "forward + criterion", device):
+                losses = criterion(model(images, targets), targets)
+        with profiled(profiles, "backward", device):
+            sum(losses.values()).backward()
+        with profiled(profiles, "clip + optimizer step", device):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+        result["profile"] = profile_tables(profiles, device, args.profile_rows)
+    return result
 
 
 def bench_eval(cfg: dict, args, device: torch.device) -> dict:
@@ -131,8 +148,43 @@ def bench_eval(cfg: dict, args, device: torch.device) -> dict:
             if i >= args.warmup:
                 times.append(t)
                 cpu_times.append(time.process_time() - cpu_start)
-    return {"batch": batch, "inputs": source, "median_s": {"forward": statistics.median(times), "forward_cpu": statistics.median(cpu_times)},
-            "runs_s": {"forward": times, "forward_cpu": cpu_times}}
+        result = {"batch": batch, "inputs": source,
+                  "median_s": {"forward": statistics.median(times), "forward_cpu": statistics.median(cpu_times)},
+                  "runs_s": {"forward": times, "forward_cpu": cpu_times}}
+        if args.profile:
+            profiles = {}
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                with profiled(profiles, "eval forward", device):
+                    model(images)
+            result["profile"] = profile_tables(profiles, device, args.profile_rows)
+    return result
+
+
+class profiled:
+    """Context manager: torch.profiler over the block, its profile stored as ``profiles[name]``."""
+
+    def __init__(self, profiles: dict, name: str, device: torch.device):
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.profiles, self.name, self.device = profiles, name, device
+        self.profiler = profile(activities=activities)
+
+    def __enter__(self):
+        self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        synchronize(self.device)
+        self.profiler.__exit__(*exc)
+        self.profiles[self.name] = self.profiler
+        return False
+
+
+def profile_tables(profiles: dict, device: torch.device, rows: int) -> dict:
+    """``{phase: table}``: the top ``rows`` ops by self CPU time (self CUDA time as well on a GPU)."""
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return {name: prof.key_averages().table(sort_by=sort_by, row_limit=rows) for name, prof in profiles.items()}
 
 
 def bench_data(cfg: dict, args, device: torch.device) -> dict:
@@ -244,6 +296,9 @@ def check_arguments(args: argparse.Namespace) -> torch.device:
     common.at_least(args.batch_size, "--batch-size", 1)
     common.at_least(args.warmup, "--warmup", 0)
     common.at_least(args.runs, "--runs", 1)
+    common.at_least(args.profile_rows, "--profile-rows", 1)
+    if args.profile and args.mode not in ("train", "eval"):
+        raise common.usage_error(f"--profile with mode {args.mode!r}: profiling applies to the train and eval modes")
     common.output_file(args.json, "--json")
     return common.device(args.device, "-d")
 
@@ -268,6 +323,7 @@ def main(argv=None) -> int:
         "size": args.size, "amp": args.amp or "fp32", "warmup": args.warmup, "runs": args.runs,
         "torch": torch.__version__, **result,
     }
+    profile = report.pop("profile", None)
     if "table" in result:
         print(f"{args.mode} benchmark: {args.config}, {report['amp']}, {args.size}px, {report['threads']} threads, "
               f"median of {args.runs} after {args.warmup} warm-ups")
@@ -279,6 +335,8 @@ def main(argv=None) -> int:
             print(f"  {name:<11} {value:8.4f} s")
     else:
         print(json.dumps(result, indent=1))
+    for name, table in (profile or {}).items():
+        print(f"\nprofile: {name} (top {args.profile_rows} ops by self time)\n{table}")
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"written to {args.json}")
     return 0

@@ -77,7 +77,8 @@ class ConvBNAct(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=(kernel_size - 1) // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_chs)
-        self.act = nn.ReLU() if use_act else nn.Identity()
+        # in place: the BatchNorm output is used by nothing else, and ReLU's backward needs only its output
+        self.act = nn.ReLU(inplace=True) if use_act else nn.Identity()
         self.lab = LearnableAffineBlock() if use_act and use_lab else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,37 @@
+"""tools/benchmark.py --profile: the torch.profiler tables of a train step and an eval forward."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from dfine.cli import benchmark
+
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "dfine_n_demo.yml")
+
+
+def _profile(capsys, tmp_path, mode: str) -> str:
+    argv = [mode, "-c", DEMO, "--size", "160", "--warmup", "0", "--runs", "1", "--threads", "1", "--profile",
+            "--profile-rows", "5", "--json", str(tmp_path / "bench.json")]
+    assert benchmark.main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_train_profile_prints_forward_backward_and_step_tables(capsys, tmp_path):
+    out = _profile(capsys, tmp_path, "train")
+    sections = re.split(r"\nprofile: ", out)[1:]
+    names = [s.split(" (top", 1)[0] for s in sections]
+    assert names == ["forward + criterion", "backward", "clip + optimizer step"]
+    for section in sections:
+        op_rows = [line for line in section.splitlines() if re.match(r"\s*\S+::\S+", line)]
+        assert 1 <= len(op_rows) <= 5  # --profile-rows caps each table
+    # the backward of the convolutions is there, and the forward table holds forward ops only
+    assert "aten::convolution_backward" in sections[1]
+    assert "convolution_backward" not in sections[0]
+    assert "profile" not in (tmp_path / "bench.json").read_text()  # tables go to stdout, not into the JSON
+
+
+def test_eval_profile_prints_one_table(capsys, tmp_path):
+    out = _profile(capsys, tmp_path, "eval")
+    assert out.count("\nprofile: ") == 1 and "profile: eval forward" in out
+    assert "aten::" in out and "backward" not in out
