@@ -233,6 +233,13 @@ def check_settings(cfg: dict) -> None:
         check_component_arguments(node, where)
 
 
+def check_runtime_setting(cfg: dict, key: str) -> None:
+    """ConfigError when ``cfg[key]`` does not fit its entry in RUNTIME_SETTINGS (for callers handed a config that
+    may not have come through ``load_config``)."""
+    if key in cfg:
+        _check(key, cfg[key], RUNTIME_SETTINGS[key])
+
+
 def _check(where: str, value, setting: Setting) -> None:
     if not setting.accepts(value):
         raise ConfigError(f"{where}: expected {setting.describe()}, got {shown(value)}")

@@ -14,7 +14,6 @@ never cut short before the no-augmentation epochs that finish a detector have ru
 from __future__ import annotations
 
 import logging
-import math
 
 from dfine.evaluation import STAT_NAMES
 from dfine.registry import ConfigError, did_you_mean
@@ -89,13 +88,9 @@ class EarlyStopping:
 
 
 def time_limit_hours(cfg: dict) -> float | None:
-    """``time_limit`` in hours, None when unset; ConfigError when not a positive number."""
+    """``time_limit`` in hours, None when unset (its type and range are checked by dfine/settings.py)."""
     value = cfg.get("time_limit")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"`time_limit` must be a positive number of hours (or null for none), not {value!r}")
-    return float(value)
+    return None if value is None else float(value)
 
 
 class TimeBudget:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dfine.engine.distributed import all_ranks_true
 from dfine.engine.early_stopping import EarlyStopping, TimeBudget, time_limit_hours
+from dfine.settings import check_runtime_setting
 from dfine.engine.loggers import check_installed, parse_loggers
 from dfine.engine.phases import NO_AUG
 from dfine.engine.results import ResultsTable, phase_boundaries, plot_results, results_row
@@ -25,7 +26,7 @@ def validate_workflow_config(cfg: dict) -> None:
     """ConfigError (one line naming the key) for a malformed ``early_stopping``, ``time_limit`` or ``loggers``,
     or a logger whose package is missing; called before any data or model is built."""
     EarlyStopping.from_config(cfg)
-    time_limit_hours(cfg)
+    check_runtime_setting(cfg, "time_limit")
     check_installed(parse_loggers(cfg))
 
 
