@@ -23,7 +23,7 @@ fills the registries, and errors.py, which gathers the error types, reach up by 
     data/        datasets, transforms, batching, label semantics (classes.py), dataset checks
     layers/      building blocks shared by the models
     ops/         box conversions and overlaps
-    utils/       helpers with no dfine dependency: distributed queries, drawing
+    utils/       helpers with no dfine dependency: distributed queries, drawing, atomic file writes
     config.py, settings.py, registry.py, components.py, checkpoint.py, errors.py: configs and their typed
     settings, registries, checkpoint files, errors; weights.py: released weights by name; devices.py: device checks
 """

@@ -27,6 +27,7 @@ import yaml
 
 from dfine.registry import ConfigError, constructor_parameters, did_you_mean, find_component
 from dfine.settings import check_settings
+from dfine.utils.files import atomic_write
 
 INCLUDE_KEY = "__include__"
 
@@ -408,11 +409,8 @@ def _validate_node(node, path: str) -> None:
 def dump_config(cfg: dict, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (for the output folder at train start); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(config_to_yaml(cfg))
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        f.write(config_to_yaml(cfg).encode("utf-8"))
     return path
 
 

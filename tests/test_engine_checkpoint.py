@@ -73,3 +73,28 @@ def test_objects365_rows_map_onto_coco_and_back():
     back = map_class_rows(torch.zeros(366, 3), mapped)
     assert back[OBJ365_INDEX_OF_COCO_CLASS[5] + 1, 0].item() == OBJ365_INDEX_OF_COCO_CLASS[5] + 1
     assert map_class_rows(torch.zeros(10, 3), obj365) is None  # neither COCO nor Objects365
+
+
+def test_atomic_writes_replace_whole_files_with_umask_permissions(tmp_path):
+    """Checkpoints, configs, metrics and plots all go through atomic_write: a failed block leaves the old file
+    and no temporary one; a finished one has the permissions the umask gives a new file (not mkstemp's 0600)."""
+    import stat
+
+    from dfine.utils.files import atomic_write
+
+    path = tmp_path / "sub" / "metrics.json"
+    with atomic_write(path, "w") as f:
+        f.write("old")
+    try:
+        with atomic_write(path, "w") as f:
+            f.write("half")
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["metrics.json"]
+    previous = os.umask(0o022)
+    try:
+        atomic_save({"x": 1}, tmp_path / "last.pth")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "last.pth").stat().st_mode) == 0o644

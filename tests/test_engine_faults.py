@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -200,7 +201,7 @@ def _failing_save(payload_bytes: int, error: OSError):
 
 def test_a_full_disk_during_a_run_keeps_the_previous_checkpoint_and_stops_with_one_line(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    real_save, calls = checkpointing.torch.save, [0]
+    real_save, calls = torch.save, [0]
 
     def save(obj, f):
         calls[0] += 1
@@ -208,7 +209,7 @@ def test_a_full_disk_during_a_run_keeps_the_previous_checkpoint_and_stops_with_o
             _failing_save(1000, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))(obj, f)
         return real_save(obj, f)
 
-    monkeypatch.setattr(checkpointing.torch, "save", save)
+    monkeypatch.setattr(torch, "save", save)
     capsys.readouterr()
     code = train(out, [*SMALL, "epochs=1", "stop_epoch=1", "train_dataloader.num_workers=0"])
     err = capsys.readouterr().err
@@ -229,7 +230,7 @@ def test_a_read_only_location_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path))
 
-    monkeypatch.setattr(checkpointing.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(checkpointing.CheckpointWriteError) as info:
         checkpointing.atomic_save({"global_step": 2}, path)
     message = str(info.value)

@@ -11,7 +11,6 @@ Each command is the matching tools/*.py; ``dfine COMMAND --help`` shows its opti
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import sys
 
@@ -49,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        close = difflib.get_close_matches(name, COMMANDS, n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
-        print(f"error: unknown command `{name}`{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        from dfine.registry import did_you_mean  # only on this path: importing dfine loads torch
+
+        print(f"error: unknown command `{name}`{did_you_mean(name, COMMANDS, n=1)}; commands: {', '.join(COMMANDS)}",
+              file=sys.stderr)
         return 2
     module = importlib.import_module(f"dfine.cli.{COMMANDS[name][0]}")
     # argparse names the program after sys.argv[0]: usage lines then read `dfine train ...`

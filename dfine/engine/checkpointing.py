@@ -21,7 +21,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from dfine.checkpoint import CheckpointError, LoadReport, extract_state_dict, load_state_dict_checked, read_checkpoint
+from dfine.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -50,42 +50,16 @@ class CheckpointWriteError(CheckpointError):
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: a reader (or a crash) sees
-    either the old complete file or the new complete file, never a partial one. A failed write raises
-    CheckpointWriteError naming the path and the free space (the previous file stays as it was)."""
+    """torch.save through dfine/utils/files.py's atomic_write: a reader (or a crash) sees the old complete file or
+    the new complete one, never a partial one. A failed write raises CheckpointWriteError naming the path and the
+    free space (the previous file stays as it was)."""
     path = Path(path)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as err:  # torch's writer reports a failed write as a RuntimeError
-        _remove_quietly(tmp)
         raise CheckpointWriteError(_write_failure(path, err)) from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
     return path
-
-
-def _remove_quietly(tmp: str | None) -> None:
-    if tmp is not None:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
 
 
 def _write_failure(path: Path, err: BaseException) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from dfine.data.classes import LabelMap
 from dfine.evaluation import STAT_NAMES, EvalResult, load_coco_gt
+from dfine.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,5 @@ class MetricsLog:
         self.data["epochs"] = [e for e in self.data["epochs"] if e["epoch"] < epoch]
         self.data["epochs"].append({"epoch": epoch, "phase": phase, "train": train_stats, "eval": result.as_dict(), **(extra or {})})
         self.data["best"] = dict(best)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        with atomic_write(self.path, "w") as f:
+            f.write(json.dumps(self.data, indent=1))

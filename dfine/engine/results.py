@@ -17,11 +17,11 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
 from dfine.evaluation import STAT_NAMES
+from dfine.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +96,10 @@ class ResultsTable:
             return list(csv.DictReader(f))
 
     def _write_all(self, rows: list[dict]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        with os.fdopen(fd, "w", newline="") as f:
+        with atomic_write(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.fieldnames or [], extrasaction="ignore", restval="")
             writer.writeheader()
             writer.writerows(rows)
-        _readable(tmp)
-        os.replace(tmp, self.path)
-
-
-def _readable(tmp: str) -> None:
-    """mkstemp makes 0600 files; results are for everyone the umask allows, like any other file written here."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
 
 
 def _epoch_of(row: dict) -> int | None:
@@ -177,17 +167,11 @@ def plot_results(rows: list[dict], path: str | os.PathLike, boundaries: list[tup
         ax.set_xlabel("epochs completed")
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
-        _readable(tmp)
-        os.replace(tmp, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -4,4 +4,5 @@
   by torchrun); used by engine/ (training) and evaluation/ (gathering detections).
 - ``drawing``: class colours and the one routine that draws a labelled box (inference outputs, evaluation
   reports, the demo picture).
+- ``files``: ``atomic_write``, the one way a checkpoint, config, metrics file, results table or plot is written.
 """
