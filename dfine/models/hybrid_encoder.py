@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from dfine.layers.conv import ConvNormAct, CSPRepLayer, RepNCSPELAN4, SCDown, convert_to_deploy
+from dfine.layers.conv import ConvNormAct, CSPRepLayer, RepNCSPELAN4, SCDown, convert_to_deploy, memory_format_of
 from dfine.layers.mlp import mlp_activation
 from dfine.layers.position_embedding import sine_cosine_2d
 from dfine.registry import ENCODERS
@@ -179,13 +179,17 @@ class HybridEncoder(nn.Module):
         if len(feats) != len(self.in_channels):
             raise ValueError(f"HybridEncoder expects {len(self.in_channels)} feature maps, got {len(feats)}")
         proj = [proj_layer(feat) for proj_layer, feat in zip(self.input_proj, feats)]
+        layout = memory_format_of(feats[-1])
 
         if self.num_encoder_layers > 0:
             for encoder, idx in zip(self.encoder, self.use_encoder_idx):
                 batch, _, height, width = proj[idx].shape
                 tokens = proj[idx].flatten(2).transpose(1, 2)  # [B, H*W, C]
                 memory = encoder(tokens, pos_embed=self.position_embedding(idx, height, width, tokens))
-                proj[idx] = memory.transpose(1, 2).reshape(batch, self.hidden_dim, height, width).contiguous()
+                # Back to maps in the layout the backbone used (channels-last in training, see DFINE.forward):
+                # an NCHW map here would turn every later concatenation, and so the whole fusion path, NCHW.
+                proj[idx] = memory.transpose(1, 2).reshape(batch, self.hidden_dim, height, width).contiguous(
+                    memory_format=layout)
 
         # top-down: coarse to fine; the lateral conv output also replaces the coarse map for the PAN
         inner = [proj[-1]]

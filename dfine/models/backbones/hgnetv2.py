@@ -62,7 +62,9 @@ class LearnableAffineBlock(nn.Module):
         self.scale = nn.Parameter(torch.tensor([scale_value]))
         self.bias = nn.Parameter(torch.tensor([bias_value]))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        if inplace:  # the same two roundings, without two new maps
+            return x.mul_(self.scale).add_(self.bias)
         return self.scale * x + self.bias
 
 
@@ -82,7 +84,10 @@ class ConvBNAct(nn.Module):
         self.lab = LearnableAffineBlock() if use_act and use_lab else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.lab(self.act(self.bn(self.conv(x))))
+        x = self.act(self.bn(self.conv(x)))
+        if isinstance(self.lab, LearnableAffineBlock):
+            return self.lab(x, inplace=not torch.is_grad_enabled())  # x is this block's own fresh map
+        return x
 
 
 class LightConvBNAct(nn.Module):
@@ -95,6 +100,16 @@ class LightConvBNAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(self.conv1(x))
+
+
+def _max_of_2x2_windows(x: Tensor) -> Tensor:
+    """``MaxPool2d(2, stride=1)`` as the maximum of the four shifted views: the same values (a maximum is exact
+    and NaN-propagating either way) at a 30-50th of the time on CPU, where max_pool2d has no fast NCHW kernel for
+    this window (16 ms vs 0.3 ms on D-FINE-S's 16 x 321 x 321 stem map). Eager and without autograd only: on ties
+    max-pool sends the whole gradient to one input, torch.maximum splits it; exporters and compilers get the pool."""
+    out = torch.maximum(x[..., :-1, :-1], x[..., :-1, 1:])
+    torch.maximum(out, x[..., 1:, :-1], out=out)
+    return torch.maximum(out, x[..., 1:, 1:], out=out)
 
 
 class StemBlock(nn.Module):
@@ -113,7 +128,9 @@ class StemBlock(nn.Module):
         """[B, 3, H, W] -> [B, out_chs, H / 4, W / 4]."""
         x = F.pad(self.stem1(x), (0, 1, 0, 1))  # 2x2 kernels keep the size only with one extra row/column
         branch = self.stem2b(F.pad(self.stem2a(x), (0, 1, 0, 1)))
-        x = torch.cat([self.pool(x), branch], dim=1)
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+        pooled = self.pool(x) if x.requires_grad or exporting else _max_of_2x2_windows(x)
+        x = torch.cat([pooled, branch], dim=1)
         return self.stem4(self.stem3(x))
 
 
@@ -144,7 +161,9 @@ class HGBlock(nn.Module):
             y = layer(y)
             outputs.append(y)
         y = self.aggregation(torch.cat(outputs, dim=1))
-        return y + x if self.residual else y
+        if not self.residual:
+            return y
+        return y.add_(x) if not torch.is_grad_enabled() else y + x
 
 
 class HGStage(nn.Module):
