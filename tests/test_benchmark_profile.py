@@ -25,9 +25,9 @@ def test_train_profile_prints_forward_backward_and_step_tables(capsys, tmp_path)
     for section in sections:
         op_rows = [line for line in section.splitlines() if re.match(r"\s*\S+::\S+", line)]
         assert 1 <= len(op_rows) <= 5  # --profile-rows caps each table
-    # the backward of the convolutions is there, and the forward table holds forward ops only
-    assert "aten::convolution_backward" in sections[1]
-    assert "convolution_backward" not in sections[0]
+    # the backward table holds backward kernels (which ones lead depends on the machine), the forward table none
+    assert re.search(r"aten::\S*_backward", sections[1])
+    assert "_backward" not in sections[0]
     assert "profile" not in (tmp_path / "bench.json").read_text()  # tables go to stdout, not into the JSON
 
 

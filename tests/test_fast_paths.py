@@ -70,3 +70,36 @@ def test_training_keeps_the_encoder_channels_last(reference_dir):
     with torch.no_grad():
         model(torch.rand(1, 3, 320, 320))
     assert [memory_format_of(x) for x in seen] == [torch.contiguous_format] * len(model.encoder.in_channels)  # NCHW: parity
+
+
+def test_scored_rows_keeps_the_dense_values_and_gives_the_dense_gradient():
+    from dfine.models.query_selection import scored_rows
+
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 5)
+    memory = torch.randn(2, 60, 16, generator=generator)
+    upstream = torch.randn(2, 7, 5, generator=generator)
+
+    def picked(x, index):
+        return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    def run(sparse: bool):
+        head.zero_grad()
+        x = memory.clone().requires_grad_()
+        with torch.no_grad():
+            index = head(x).max(-1).values.topk(7, dim=1).indices
+        if sparse:
+            with torch.no_grad():
+                dense = head(x)
+            out = scored_rows(picked(dense, index), head, picked(x, index))
+        else:
+            out = picked(head(x), index)  # the reference's form: gather from a differentiable dense output
+        out.backward(upstream)
+        return out.detach(), x.grad, head.weight.grad.clone(), head.bias.grad.clone()
+
+    dense, sparse = run(False), run(True)
+    assert torch.equal(sparse[0], dense[0])  # forward: the same numbers, not merely close
+    for got, expected in zip(sparse[1:], dense[1:]):
+        # the same sums over the live rows; the dense backward may add the dead (zero) rows in another order
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert sparse[1].abs().sum(-1).count_nonzero() == 14  # only the picked rows get a gradient

@@ -48,6 +48,26 @@ def generate_anchors(
     return torch.where(valid_mask, anchors, torch.inf), valid_mask
 
 
+class _ValueWithGradientOf(torch.autograd.Function):
+    """Forward: ``value``; backward: the incoming gradient goes to ``carrier`` (same shape) instead."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, carrier: Tensor) -> Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
+        return None, grad
+
+
+def scored_rows(gathered: Tensor, head: nn.Module, rows: Tensor) -> Tensor:
+    """``head``'s outputs for the gathered ``rows``, with the values of ``gathered`` (the same rows picked out of
+    the dense, gradient-free output: bit-identical to the reference's gather of a differentiable dense output)
+    and the gradient of ``head(rows)``. Forward values are exact; gradients are the same sums over the live rows,
+    possibly rounded in another order than the dense backward."""
+    return _ValueWithGradientOf.apply(gathered, head(rows))
+
+
 @dataclass
 class DecoderQueries:
     """What a decoder's refinement layers start from (``QuerySelectionDecoder.prepare_queries``).
@@ -243,7 +263,11 @@ class QuerySelectionDecoder(nn.Module):
         anchors, valid_mask = self._anchors_for(spatial_shapes, memory.device)
         memory = valid_mask.to(memory.dtype) * memory
         enc_memory = self.enc_output(memory)
-        enc_logits = self.enc_score_head(enc_memory)
+        # Every position is scored, but only the selected ones reach a loss: the gradient goes through the score
+        # head applied to those rows alone (see scored_rows), not through a dense backward over all H*W positions
+        # that are zero but for num_queries rows (D-FINE-S: 2 x 8400 rows for 2 x 300 live ones).
+        with torch.no_grad():
+            enc_logits = self.enc_score_head(enc_memory)
         topk_ind = self._select_queries(enc_logits)
         topk_memory = self._gather(enc_memory, topk_ind)
         topk_anchors = self._gather(anchors.expand(memory.shape[0], -1, -1), topk_ind)
@@ -254,7 +278,7 @@ class QuerySelectionDecoder(nn.Module):
             content = topk_memory.detach()
         selected = {"content": content, "boxes_unact": boxes_unact.detach(), "topk_ind": topk_ind}
         if self.training:
-            selected["enc_logits"] = self._gather(enc_logits, topk_ind)
+            selected["enc_logits"] = scored_rows(self._gather(enc_logits, topk_ind), self.enc_score_head, topk_memory)
             selected["enc_boxes"] = torch.sigmoid(boxes_unact)
         return selected
 
