@@ -176,6 +176,8 @@ class RepNCSPELAN4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """[B, c1, H, W] -> [B, c2, H, W]."""
         first, second = self.cv1(x).split((self.half, self.half), dim=1)
+        # A channel slice is dense only for NCHW at batch 1; both 1x1 convs of the CSP layer would copy it each.
+        second = second.contiguous(memory_format=memory_format_of(second))
         stage2 = self.cv2(second)
         stage3 = self.cv3(stage2)
         return self.cv4(torch.cat([first, second, stage2, stage3], dim=1))
