@@ -54,6 +54,7 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "clip_max_norm": "gradient clipping max norm (0 disables)",
     "use_amp": "mixed precision training",
     "amp_dtype": "`bfloat16` or `float16` (float16 uses a GradScaler)",
+    "compile": "torch.compile the training forward and the evaluated model (first steps compile; see README)",
     "gradient_accumulation_steps": "optimizer step every N batches",
     "sync_bn": "convert BatchNorm to SyncBatchNorm under DDP",
     "find_unused_parameters": "DDP find_unused_parameters (off: every parameter gets a gradient)",

@@ -170,6 +170,7 @@ RUNTIME_SETTINGS: dict[str, Setting] = {
     "clip_max_norm": number(0, nullable=True),
     "use_amp": boolean(),
     "amp_dtype": choice(*AMP_DTYPES, nullable=True),
+    "compile": boolean(),
     "gradient_accumulation_steps": integer(1, nullable=True),
     "sync_bn": boolean(),
     "find_unused_parameters": boolean(),

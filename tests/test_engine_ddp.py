@@ -1,4 +1,5 @@
-"""2-process gloo DDP on CPU ends with the same parameters as one process with the same total batch."""
+"""2-process gloo DDP on CPU ends with the same parameters as one process with the same total batch, also with
+``compile: true`` (the DDP wrapper compiled, dfine/engine/compiling.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from dfine.engine.compiling import compile_run_modules
 from dfine.engine.distributed import wrap_model
 from dfine.engine.ema import ModelEMA
 from dfine.engine.loop import StepSettings, TrainState, train_one_epoch
@@ -52,7 +54,7 @@ def collate(items):
     return torch.stack([x for x, _ in items]), [t for _, t in items]
 
 
-def train(world_size: int, rank: int) -> dict:
+def train(world_size: int, rank: int, compile: bool = False) -> dict:
     model = ToyDetector()
     dataset = ToyData()
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=3)
@@ -63,6 +65,8 @@ def train(world_size: int, rank: int) -> dict:
     settings = StepSettings(device=torch.device("cpu"), clip_max_norm=0.1)
     state = TrainState()
     train_model = wrap_model(model, torch.device("cpu"))
+    if compile:
+        compile_run_modules(model, ema, num_sizes=1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for epoch in range(2):
         sampler.set_epoch(epoch)
@@ -70,12 +74,12 @@ def train(world_size: int, rank: int) -> dict:
     return {"model": {k: v.clone() for k, v in model.state_dict().items()}, "ema": ema.state_dict()["module"], "steps": state.global_step}
 
 
-def _worker(rank: int, world_size: int, port: int, out_path: str):
+def _worker(rank: int, world_size: int, port: int, out_path: str, compile: bool = False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        result = train(world_size, rank)
+        result = train(world_size, rank, compile)
         if rank == 0:
             torch.save(result, out_path)
     finally:
@@ -88,12 +92,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_two_process_gloo_matches_single_process(tmp_path, compile):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    single = train(1, 0)
+    single = train(1, 0)  # eager: the compiled DDP run must match it within the same bounds
     out = tmp_path / "ddp.pth"
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out), compile), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     assert ddp["steps"] == single["steps"] == 2 * NUM_IMAGES // TOTAL_BATCH
     for key, value in single["model"].items():

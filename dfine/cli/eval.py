@@ -4,6 +4,7 @@
     python tools/eval.py -r dfine_n_coco.pth -c configs/dfine_n_coco.yml  # reference releases carry no config
     python tools/eval.py -r dfine_n_coco -c configs/dfine_n_coco.yml      # a released model by name (downloaded)
     torchrun --nproc_per_node=4 tools/eval.py -r best.pth -u val_dataloader.total_batch_size=64
+    python tools/eval.py -r best.pth --deploy --compile                  # the inference form, torch.compile
 
 EMA weights are evaluated when the checkpoint has them. Results go to the log and to
 ``<output_dir>/eval_metrics.json``.
@@ -27,6 +28,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--output-dir", help="where eval.log and eval_metrics.json go (default: the checkpoint's folder)")
     parser.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--deploy", action="store_true",
+                        help="evaluate the inference form (model.deploy(): the encoder's conv + BN folded, RepVGG "
+                        "branches merged), as infer.py and the ONNX export run it")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the evaluated model (config key `compile`)")
     return parser.parse_args(argv)
 
 
@@ -34,6 +40,8 @@ def config_for(args: argparse.Namespace) -> dict:
     overrides = list(args.update)
     if args.device:
         overrides.append(f"device={args.device}")
+    if args.compile:
+        overrides.append("compile=true")
     overrides.append(f"output_dir={args.output_dir or Path(args.resume).resolve().parent}")
     if args.config:
         return load_config(args.config, overrides)
@@ -76,7 +84,7 @@ def main(argv=None) -> int:
         common.device(cfg.get("device"), "no -d given; the config's device")
     from dfine.engine.trainer import run
 
-    return run(cfg, resume=args.resume, test_only=True)
+    return run(cfg, resume=args.resume, test_only=True, deploy=args.deploy)
 
 
 if __name__ == "__main__":

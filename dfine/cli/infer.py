@@ -3,6 +3,7 @@
     python tools/infer.py -r output/dfine_n_demo/best.pth --input photo.jpg
     python tools/infer.py -r best.pth --input images/ --batch-size 8 --threshold 0.5 --output runs/infer
     python tools/infer.py -r dfine_n.onnx -c best.pth --input clip.mp4   # -c (checkpoint or YAML): class names
+    python tools/infer.py -r best.pth --input photo.jpg --no-deploy      # the training form (no folding)
 
 Writes annotated copies (``<name>_det.jpg``, or ``<name>_det.mp4`` for a video) and ``results.json``: COCO result
 records (``image_id``, ``category_id``, ``bbox`` [x, y, w, h] pixels, ``score``) of the detections above the
@@ -30,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-b", "--batch-size", type=int, default=1)
     parser.add_argument("-d", "--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: eval_spatial_size)")
+    parser.add_argument("--deploy", action=argparse.BooleanOptionalAction, default=True,
+                        help="a checkpoint runs in deploy form (model.deploy(): the encoder's conv + BN folded, RepVGG "
+                        "branches merged; the same detections; default on). An .onnx file is always in deploy form")
     return parser.parse_args(argv)
 
 
@@ -56,7 +60,8 @@ def main(argv=None) -> int:
     from dfine.deploy.media import run_inference
 
     try:
-        predictor = Predictor.from_file(args.resume, args.config, args.update, device=args.device, image_size=args.size)
+        predictor = Predictor.from_file(args.resume, args.config, args.update, device=args.device, image_size=args.size,
+                                        deploy=args.deploy)
         path = run_inference(predictor, args.input, args.output, args.threshold, args.batch_size)
     except ValueError as err:  # the deploy code's own argument errors (e.g. too few positions for num_queries)
         return common.report(err)

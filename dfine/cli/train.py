@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=8 tools/train.py -c configs/dfine_x_coco.yml --use-amp
     torchrun --nproc_per_node=8 --max-restarts=3 tools/train.py -c configs/dfine_x_coco.yml -r auto
     python tools/train.py -c configs/dfine_n_coco.yml --print-config -u epochs=3
+    python tools/train.py -c configs/dfine_s_coco.yml --compile          # torch.compile (first steps compile)
     dfine train -c configs/dfine_n_demo.yml -r auto      # resume output_dir/last.pth when there is one
 
 Exit codes: 0 done, 2 a user error (one line on stderr), 3 the dataset pre-flight check failed, 75 stopped by
@@ -28,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-d", "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--use-amp", action="store_true", default=None, help="mixed precision training")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the training forward and the evaluated model (config key `compile`)")
     parser.add_argument("--output-dir", help="where checkpoints and logs go")
     parser.add_argument("--summary-dir", help="TensorBoard folder")
     parser.add_argument("--test-only", action="store_true", help="evaluate only")
@@ -43,6 +46,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
         ("device", args.device),
         ("seed", args.seed),
         ("use_amp", args.use_amp),
+        ("compile", args.compile),
         ("output_dir", args.output_dir),
         ("summary_dir", args.summary_dir),
         ("tuning", args.tuning),

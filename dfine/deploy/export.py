@@ -43,7 +43,7 @@ class DeployModel(nn.Module):
     """Detector and postprocessor in one module with tensor-only inputs and outputs (what ONNX needs).
 
     Args:
-        model: a detector converted with ``model.deploy()``.
+        model: a detector, converted with ``model.deploy()`` for export (any eval-mode detector for inference).
         postprocessor: a postprocessor converted with ``.deploy()`` (returns labels, boxes, scores).
     """
 

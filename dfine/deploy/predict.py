@@ -27,8 +27,10 @@ class Predictor:
     """Runs a detector on batches of preprocessed images.
 
     Build with ``Predictor.from_file``: a ``.onnx`` file runs through onnxruntime, anything else is read as a
-    checkpoint (its stored config, or ``config_path``). Both paths run the deploy form of the model, so their
-    labels are 0..C-1 and they can be compared one to one.
+    checkpoint (its stored config, or ``config_path``). Both paths return the deploy postprocessor's tensors
+    (labels 0..C-1), so they can be compared one to one. A checkpoint runs in deploy form (``model.deploy()``,
+    as exported) unless ``deploy=False``: the same detections within 1e-6 in score and 1e-3 px in box on
+    D-FINE-N (README, "Deployment").
     """
 
     def __init__(self, run, image_size: tuple[int, int], classes: LabelMap, device: torch.device, kind: str):
@@ -39,7 +41,8 @@ class Predictor:
         self.kind = kind
 
     @classmethod
-    def from_file(cls, path, config_path: str | None = None, overrides=(), device: str = "cpu", image_size=None) -> "Predictor":
+    def from_file(cls, path, config_path: str | None = None, overrides=(), device: str = "cpu", image_size=None,
+                  deploy: bool = True) -> "Predictor":
         device = torch.device(device)
         if str(path).endswith(".onnx"):
             detector = OnnxDetector(path, device=str(device))
@@ -54,15 +57,15 @@ class Predictor:
             elif config_path:
                 classes = class_info(dfine.load_config(config_path, list(overrides)), None)
             return cls(detector, size, classes, device, "onnxruntime")
-        model, post, cfg, classes = load_detector(path, config_path, overrides, deploy=True)
-        deploy = DeployModel(model, post).to(device).eval()
+        model, post, cfg, classes = load_detector(path, config_path, overrides, deploy=deploy)
+        detector = DeployModel(model, post.deploy()).to(device).eval()  # tensors out, whichever form the model has
         size = tuple(image_size or cfg.get("eval_spatial_size") or (640, 640))
 
         @torch.no_grad()
         def run(images, sizes):
-            return deploy(images.to(device), sizes.to(device))
+            return detector(images.to(device), sizes.to(device))
 
-        return cls(run, (int(size[0]), int(size[1])), classes, device, "pytorch")
+        return cls(run, (int(size[0]), int(size[1])), classes, device, "pytorch" if deploy else "pytorch, not deployed")
 
     def __call__(self, images: Tensor, orig_sizes: Tensor) -> list[dict]:
         """images [B, 3, h, w], orig_sizes [B, 2] (w, h) -> per image ``labels`` [K], ``boxes`` [K, 4] xyxy pixels,

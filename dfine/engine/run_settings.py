@@ -33,6 +33,7 @@ class RunSettings:
     find_unused_parameters: bool = False
     use_amp: bool = True
     amp_dtype: str | None = None  # null: float16 on CUDA, bfloat16 on the CPU
+    compile: bool = False  # torch.compile: dfine/engine/compiling.py
     max_bad_steps: int = 10
     skip_bad_samples: bool = False
     dist_timeout_minutes: float = 30

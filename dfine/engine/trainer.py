@@ -20,6 +20,7 @@ from dfine.config import dump_config, stored_config
 from dfine.engine import distributed as dist_utils
 from dfine.engine.build import build_ema, build_optimizer, build_schedulers, warmup_steps
 from dfine.engine.checkpointing import atomic_save, load_for_tuning, restore_training_state, training_state
+from dfine.engine.compiling import check_compile_supported, compile_image_stages, compile_run_modules
 from dfine.engine import preemption
 from dfine.engine.ema import unwrap
 from dfine.engine.loggers import ExperimentLoggers, tensorboard_writer
@@ -49,10 +50,14 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed + 100_003 * (epoch + 1) + 7_919 * rank
 
 
-def run(cfg: dict, resume: str | None = None, test_only: bool = False) -> int:
-    """Train (or with ``test_only`` evaluate) as configured. Returns a process exit code."""
+def run(cfg: dict, resume: str | None = None, test_only: bool = False, deploy: bool = False) -> int:
+    """Train (or with ``test_only`` evaluate) as configured. Returns a process exit code. ``deploy`` (with
+    ``test_only``): evaluate the model converted for inference (``model.deploy()``: conv + BN fused,
+    re-parameterised branches merged)."""
     settings = RunSettings.from_config(cfg)
     device = dist_utils.resolve_device(settings.device)
+    if settings.compile:
+        check_compile_supported(device)  # one line now, not a compiler traceback at the first step
     dist_utils.init_distributed(device, timeout_minutes=float(settings.dist_timeout_minutes))
     rank = dist_utils.get_rank()
     setup_logging(settings.output_dir, rank, "eval.log" if test_only else "train.log")
@@ -60,7 +65,7 @@ def run(cfg: dict, resume: str | None = None, test_only: bool = False) -> int:
     together = False  # every rank leaves at the same point: wait for the others before leaving the group
     try:
         with preemption.StopSignalHandler():
-            code = _run(cfg, settings, device, resume, test_only)
+            code = _run(cfg, settings, device, resume, test_only, deploy)
         together = True
         return code
     except preemption.Preempted as stop:
@@ -92,7 +97,7 @@ class Evaluation:
                         self.use_amp, self.amp_dtype)
 
 
-def _run(cfg: dict, settings: RunSettings, device: torch.device, resume: str | None, test_only: bool) -> int:
+def _run(cfg: dict, settings: RunSettings, device: torch.device, resume: str | None, test_only: bool, deploy: bool) -> int:
     if not test_only:
         validate_workflow_config(cfg)  # early_stopping, time_limit, loggers: before anything is built
     if dist_utils.is_main_process() and not test_only:
@@ -103,7 +108,7 @@ def _run(cfg: dict, settings: RunSettings, device: torch.device, resume: str | N
         return 3
     train_loader, evaluation = built
     if test_only:
-        return _evaluate_only(cfg, settings, evaluation, resume)
+        return _evaluate_only(cfg, settings, evaluation, resume, deploy)
     return _fit(cfg, settings, train_loader, evaluation, resume)
 
 
@@ -156,6 +161,9 @@ def _fit(cfg: dict, settings: RunSettings, train_loader, evaluation: Evaluation,
     train_model = dist_utils.wrap_model(
         model, device, sync_bn=bool(settings.sync_bn), find_unused_parameters=bool(settings.find_unused_parameters)
     )
+    if settings.compile:  # after the EMA copy and SyncBatchNorm exist (dfine/engine/compiling.py)
+        scales = getattr(train_loader.collate_fn, "scales", None)
+        compile_run_modules(model, ema, num_sizes=len(set(scales)) if scales else 1)
     step_settings = StepSettings(
         device=device, use_amp=evaluation.use_amp, amp_dtype=evaluation.amp_dtype, clip_max_norm=settings.clip_max_norm,
         accumulation=schedule.accumulation, max_bad_steps=settings.max_bad_steps,
@@ -311,9 +319,9 @@ def enter_no_augmentation_phase(
         ema.restart()
 
 
-def _evaluate_only(cfg: dict, settings: RunSettings, evaluation: Evaluation, resume: str | None) -> int:
-    """Evaluate ``resume``'s weights (EMA when present) with the label map it was trained with; metrics to the
-    log, TensorBoard, ``eval_metrics.json`` and the visual reports."""
+def _evaluate_only(cfg: dict, settings: RunSettings, evaluation: Evaluation, resume: str | None, deploy: bool = False) -> int:
+    """Evaluate ``resume``'s weights (EMA when present) with the label map it was trained with, optionally in
+    deploy form and/or compiled; metrics to the log, TensorBoard, ``eval_metrics.json`` and the visual reports."""
     output_dir = settings.output_dir
     step = 0  # TensorBoard points go at the checkpoint's epoch, beside the curves of the run that wrote it
     if resume:
@@ -325,6 +333,12 @@ def _evaluate_only(cfg: dict, settings: RunSettings, evaluation: Evaluation, res
         epoch = checkpoint.get("last_epoch")
         step = epoch if isinstance(epoch, int) and epoch >= 0 else 0
         del checkpoint
+    if deploy:  # after the weights are in: the conversion folds them
+        evaluation.model.deploy().to(evaluation.device)
+        logger.info("deploy mode: the model's deploy() conversion applied (encoder conv + BN fused, RepVGG branches merged)")
+    if settings.compile:
+        stages = compile_image_stages(evaluation.model)
+        logger.info("torch.compile on: %s of the evaluated model (the first batch compiles, minutes on a CPU)", " and ".join(stages))
     result = evaluation(evaluation.model)
     if dist_utils.is_main_process():
         writer = tensorboard_writer(cfg, output_dir)
@@ -345,7 +359,8 @@ def _after_training(cfg, model, ema, postprocessor, val_loader, device, output_d
     from dfine.engine.visualize import draw_validation_detections
 
     try:
-        path = draw_validation_detections(ema.module if ema is not None else unwrap(model), postprocessor, val_loader.dataset, device, output_dir / "detections.png")
+        with torch.compiler.set_stance("force_eager"):  # with compile: true, a few pictures are not worth a compile
+            path = draw_validation_detections(ema.module if ema is not None else unwrap(model), postprocessor, val_loader.dataset, device, output_dir / "detections.png")
         logger.info("detections on validation images drawn in %s", path)
     except Exception as err:  # noqa: BLE001 - a picture is never worth failing a finished training for
         logger.warning("could not draw detections: %s", err)
