@@ -261,15 +261,19 @@ class QuerySelectionDecoder(nn.Module):
         """Score every position, keep the top num_queries: their content, boxes (logit space) and, in training,
         the encoder's own predictions for them."""
         anchors, valid_mask = self._anchors_for(spatial_shapes, memory.device)
-        memory = valid_mask.to(memory.dtype) * memory
-        enc_memory = self.enc_output(memory)
-        # Every position is scored, but only the selected ones reach a loss: the gradient goes through the score
-        # head applied to those rows alone (see scored_rows), not through a dense backward over all H*W positions
-        # that are zero but for num_queries rows (D-FINE-S: 2 x 8400 rows for 2 x 300 live ones).
+        mask = valid_mask.to(memory.dtype)
+        # Every position is projected and scored, but only the num_queries selected ones reach a loss (D-FINE-S: 2 x
+        # 300 of 2 x 8400 rows). So the dense pass runs without autograd, and the gradient goes through the same
+        # layers applied to the selected rows alone (see scored_rows): the forward values are the dense pass's,
+        # and no dense backward runs over rows whose gradient is zero.
         with torch.no_grad():
+            enc_memory = self.enc_output(mask * memory)
             enc_logits = self.enc_score_head(enc_memory)
         topk_ind = self._select_queries(enc_logits)
         topk_memory = self._gather(enc_memory, topk_ind)
+        if torch.is_grad_enabled():
+            rows = self._gather(mask.expand(memory.shape[0], -1, -1), topk_ind) * self._gather(memory, topk_ind)
+            topk_memory = scored_rows(topk_memory, self.enc_output, rows)
         topk_anchors = self._gather(anchors.expand(memory.shape[0], -1, -1), topk_ind)
         boxes_unact = self.enc_bbox_head(topk_memory) + topk_anchors
         if self.learn_query_content:
