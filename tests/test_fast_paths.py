@@ -27,6 +27,7 @@ def test_max_of_shifted_views_is_the_stem_max_pool(layout):
     expected = torch.nn.MaxPool2d(kernel_size=2, stride=1, ceil_mode=True)(x)
     got = _max_of_2x2_windows(x)
     assert got.shape == expected.shape == (2, 5, 8, 10)
+    # exact on every CPU: a maximum selects one of its inputs, nothing is rounded
     torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
     assert got.isnan().sum() == 4  # the four windows that hold the NaN
 
@@ -43,7 +44,8 @@ def _model(config: str, reference_dir: Path) -> torch.nn.Module:
 @pytest.mark.parametrize("config", ["dfine_n_coco.yml", "rtdetrv2_r18vd_coco.yml"])
 def test_eval_without_autograd_equals_the_autograd_path_bit_for_bit(config, reference_dir):
     # With autograd on, every block takes its out-of-place form (the stem keeps MaxPool2d); under no_grad the
-    # same products are summed into fresh maps in place. The two must agree exactly, not within a tolerance.
+    # same products are summed into fresh maps in place. The two must agree exactly, not within a tolerance: both
+    # run in one process on one CPU, and in-place and out-of-place forms share their kernels.
     model = _model(config, reference_dir)
     images = torch.rand(2, 3, 320, 320, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

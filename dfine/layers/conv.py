@@ -23,8 +23,8 @@ def add_fresh(fresh: Tensor, other: Tensor) -> Tensor:
 
 
 def activate(act: nn.Module, fresh: Tensor) -> Tensor:
-    """``act(fresh)``, in place on a map nothing else holds when autograd is off (same values: the in-place and
-    out-of-place kernels of ReLU/SiLU/GELU compute the same expression)."""
+    """``act(fresh)``, in place on a map nothing else holds when autograd is off, for ReLU and SiLU (their in-place
+    and out-of-place kernels compute the same expression); any other activation runs as it is."""
     if not torch.is_grad_enabled() and isinstance(act, (nn.ReLU, nn.SiLU)):
         return F.relu_(fresh) if isinstance(act, nn.ReLU) else F.silu(fresh, inplace=True)
     return act(fresh)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from dfine.layers.conv import add_fresh
 from dfine.models.backbones.common import PretrainedWeightsError, freeze_batchnorm
 from dfine.registry import BACKBONES
 
@@ -161,9 +162,7 @@ class HGBlock(nn.Module):
             y = layer(y)
             outputs.append(y)
         y = self.aggregation(torch.cat(outputs, dim=1))
-        if not self.residual:
-            return y
-        return y.add_(x) if not torch.is_grad_enabled() else y + x
+        return add_fresh(y, x) if self.residual else y
 
 
 class HGStage(nn.Module):
