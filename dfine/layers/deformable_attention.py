@@ -76,6 +76,9 @@ def multiscale_deformable_sample(
         locations = 2 * locations - 1  # grid_sample's [-1, 1] convention
     samples = []
     for value_l, loc_l, points in zip(value_levels, locations.split(list(num_points_list), dim=2), num_points_list):
+        # grid_sample's CPU kernel walks a contiguous grid as one run of points, a vector at a time, but a strided
+        # one row by row: rows of 3-6 points here. A contiguous copy computes the same values twice as fast.
+        loc_l = loc_l.contiguous()
         if method == "default":
             sampled = F.grid_sample(value_l, loc_l, mode="bilinear", padding_mode="zeros", align_corners=False)
         elif method == "discrete":

@@ -184,7 +184,7 @@ class HybridEncoder(nn.Module):
         if self.num_encoder_layers > 0:
             for encoder, idx in zip(self.encoder, self.use_encoder_idx):
                 batch, _, height, width = proj[idx].shape
-                tokens = proj[idx].flatten(2).transpose(1, 2)  # [B, H*W, C]
+                tokens = proj[idx].permute(0, 2, 3, 1).flatten(1, 2)  # [B, H*W, C], a view (see _flatten_features)
                 memory = encoder(tokens, pos_embed=self.position_embedding(idx, height, width, tokens))
                 # Back to maps in the layout the backbone used (channels-last in training, see DFINE.forward):
                 # an NCHW map here would turn every later concatenation, and so the whole fusion path, NCHW.

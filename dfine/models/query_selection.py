@@ -231,7 +231,9 @@ class QuerySelectionDecoder(nn.Module):
         projected = [proj(feat) for proj, feat in zip(self.input_proj, feats)]
         for i in range(len(feats), self.num_levels):
             projected.append(self.input_proj[i](feats[-1] if i == len(feats) else projected[-1]))
-        memory = torch.cat([f.flatten(2).permute(0, 2, 1) for f in projected], 1)
+        # [B, H*W, C] per level: a view of a channels-last map (training), the same strided view of an NCHW one as
+        # flatten(2).permute(0, 2, 1) (eval); flattening first would copy a channels-last map to NCHW order first.
+        memory = torch.cat([f.permute(0, 2, 3, 1).flatten(1, 2) for f in projected], 1)
         return memory, [[f.shape[2], f.shape[3]] for f in projected]
 
     def _anchors_for(self, spatial_shapes: list[list[int]], device) -> tuple[Tensor, Tensor]:
