@@ -8,6 +8,8 @@ same function as the eval-mode original.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,6 +37,33 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+class UpsampledJoin(NamedTuple):
+    """``cat([2x nearest upsample of coarse, lateral], dim=1)``, an FPN block's input, left unbuilt in training.
+
+    The block's first convs read it through ``conv_of``: a bias-free 1x1 conv is linear per pixel, so its product
+    with the upsampled part equals the upsampled product with the coarse map, which costs a quarter of the MACs
+    (forward and backward) and needs neither the concatenation nor its split in the backward. The same function
+    up to rounding (two partial sums instead of one); eval builds the concatenation and stays exact.
+    """
+
+    coarse: Tensor
+    lateral: Tensor
+
+    def build(self) -> Tensor:
+        return torch.cat([F.interpolate(self.coarse, scale_factor=2.0, mode="nearest"), self.lateral], dim=1)
+
+
+def conv_of(conv: nn.Conv2d, x: Tensor | UpsampledJoin) -> Tensor:
+    """``conv(x)``; for an UpsampledJoin, computed per part when the conv is a plain 1x1 (see UpsampledJoin)."""
+    if not isinstance(x, UpsampledJoin):
+        return conv(x)
+    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.bias is not None:
+        return conv(x.build())
+    split = x.coarse.shape[1]
+    coarse = F.interpolate(F.conv2d(x.coarse, conv.weight[:, :split]), scale_factor=2.0, mode="nearest")
+    return F.conv2d(x.lateral, conv.weight[:, split:]) + coarse
 
 
 def fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -71,9 +100,9 @@ class ConvNormAct(nn.Module):
         self.act = mlp_activation(act)
         self.deployed = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | UpsampledJoin) -> Tensor:
         """[B, C_in, H, W] -> [B, C_out, H / stride, W / stride]."""
-        x = self.conv_bn_fused(x) if self.deployed else self.norm(self.conv(x))
+        x = conv_of(self.conv_bn_fused, x) if self.deployed else self.norm(conv_of(self.conv, x))
         return activate(self.act, x)
 
     @torch.no_grad()
@@ -148,7 +177,7 @@ class CSPRepLayer(nn.Module):
         self.bottlenecks = nn.Sequential(*[RepVGGBlock(hidden, hidden, act=act) for _ in range(num_blocks)])
         self.conv3 = ConvNormAct(hidden, out_channels, 1, 1, bias=bias, act=act) if hidden != out_channels else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | UpsampledJoin) -> Tensor:
         """[B, C_in, H, W] -> [B, C_out, H, W]."""
         return self.conv3(add_fresh(self.bottlenecks(self.conv1(x)), self.conv2(x)))
 
@@ -173,7 +202,7 @@ class RepNCSPELAN4(nn.Module):
         self.cv3 = nn.Sequential(CSPRepLayer(c4, c4, n, 1.0, bias=bias, act=act), ConvNormAct(c4, c4, 3, 1, bias=bias, act=act))
         self.cv4 = ConvNormAct(c3 + 2 * c4, c2, 1, 1, bias=bias, act=act)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | UpsampledJoin) -> Tensor:
         """[B, c1, H, W] -> [B, c2, H, W]."""
         first, second = self.cv1(x).split((self.half, self.half), dim=1)
         # A channel slice is dense only for NCHW at batch 1; both 1x1 convs of the CSP layer would copy it each.

@@ -19,10 +19,11 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from dfine.layers.conv import ConvNormAct, CSPRepLayer, RepNCSPELAN4, SCDown, convert_to_deploy, memory_format_of
+from dfine.layers.conv import (
+    ConvNormAct, CSPRepLayer, RepNCSPELAN4, SCDown, UpsampledJoin, convert_to_deploy, memory_format_of,
+)
 from dfine.layers.mlp import mlp_activation
 from dfine.layers.position_embedding import sine_cosine_2d
 from dfine.registry import ENCODERS
@@ -196,8 +197,8 @@ class HybridEncoder(nn.Module):
         for step, level in enumerate(range(len(proj) - 1, 0, -1)):
             coarse = self.lateral_convs[step](inner[0])
             inner[0] = coarse
-            upsampled = F.interpolate(coarse, scale_factor=2.0, mode="nearest")
-            inner.insert(0, self.fpn_blocks[step](torch.cat([upsampled, proj[level - 1]], dim=1)))
+            joined = UpsampledJoin(coarse, proj[level - 1])  # the fusion blocks open with 1x1 convs
+            inner.insert(0, self.fpn_blocks[step](joined if self.training else joined.build()))
 
         # bottom-up: fine to coarse
         outs = [inner[0]]
