@@ -105,3 +105,61 @@ def test_scored_rows_keeps_the_dense_values_and_gives_the_dense_gradient():
         # the same sums over the live rows; the dense backward may add the dead (zero) rows in another order
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
     assert sparse[1].abs().sum(-1).count_nonzero() == 14  # only the picked rows get a gradient
+
+
+@pytest.mark.parametrize("block", ["RepNCSPELAN4", "CSPRepLayer"])
+def test_fpn_blocks_read_an_upsampled_join_as_its_concatenation(block, monkeypatch):
+    # In training the coarse part of an FPN block's input meets the block's 1x1 convs at its own resolution. The
+    # same function as on the concatenation; only the rounding of the split sum may move (measured: outputs and
+    # gradients within 1.8e-6 of their largest entry, 1 and 2 threads; bound 2e-5).
+    from dfine.layers import conv as conv_module
+
+    builds = []
+    build = conv_module.UpsampledJoin.build
+    monkeypatch.setattr(conv_module.UpsampledJoin, "build", lambda join: builds.append(1) or build(join))
+
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    make = {"RepNCSPELAN4": lambda: conv_module.RepNCSPELAN4(64, 32, 32, 16, 1),
+            "CSPRepLayer": lambda: conv_module.CSPRepLayer(64, 32, 1, expansion=0.5)}[block]
+    module = make().train()
+    coarse = torch.randn(2, 32, 6, 5, generator=generator).contiguous(memory_format=torch.channels_last)
+    lateral = torch.randn(2, 32, 12, 10, generator=generator).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(2, 32, 12, 10, generator=generator)
+
+    def run(as_parts: bool):
+        module.zero_grad()
+        c, lat = coarse.clone().requires_grad_(), lateral.clone().requires_grad_()
+        join = conv_module.UpsampledJoin(c, lat)
+        out = module(join if as_parts else join.build())
+        out.backward(upstream)
+        return [out.detach(), c.grad, lat.grad] + [p.grad.clone() for p in module.parameters() if p.grad is not None]
+
+    parts = run(True)
+    assert not builds  # every conv that reads the join is a plain 1x1: no concatenation built
+    built = run(False)
+    assert len(parts) == len(built)
+    for got, expected in zip(parts, built):
+        scale = expected.abs().max()
+        assert (got - expected).abs().max() <= 2e-5 * scale
+
+    # anything but a plain 1x1 conv gets the concatenation itself: bit for bit
+    conv3 = torch.nn.Conv2d(64, 8, 3, padding=1, bias=False)
+    join = conv_module.UpsampledJoin(coarse, lateral)
+    assert torch.equal(conv_module.conv_of(conv3, join), conv3(join.build()))
+
+
+def test_the_encoder_hands_fpn_blocks_the_unbuilt_join_in_training_only(reference_dir, monkeypatch):
+    from dfine.layers import conv as conv_module
+
+    seen = []
+    conv_of = conv_module.conv_of
+    monkeypatch.setattr(conv_module, "conv_of", lambda conv, x: seen.append(type(x).__name__) or conv_of(conv, x))
+    model = _model("dfine_n_coco.yml", reference_dir)
+    feats = model.backbone(torch.rand(2, 3, 320, 320))
+    model.encoder.train()(feats)
+    assert seen.count("UpsampledJoin") == len(model.encoder.fpn_blocks)  # RepNCSPELAN4: its cv1 alone
+    seen.clear()
+    with torch.no_grad():
+        model.encoder.eval()(feats)  # eval concatenates, as the reference does: exact parity
+    assert seen and "UpsampledJoin" not in seen
