@@ -55,6 +55,48 @@ ARCHS: dict[str, dict] = {
 STAGE_STRIDES = (4, 8, 16, 32)
 
 
+class _ScalarAffine(torch.autograd.Function):
+    """``x * scale + bias`` for one-element ``scale`` and ``bias``, forward with the reference's two roundings.
+
+    Autograd's own form of the backward materialises ``grad * x`` (a full map) only to sum it into the scale's
+    gradient; here that sum is one dot product over the two maps. HGNetV2's LABs sit on its largest maps (B0:
+    [B, 16, 320, 320] in the stem), where these passes are a noticeable part of a D-FINE-N training step.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(x, scale)
+        return torch.mul(x, scale).add_(bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, scale = ctx.saved_tensors
+        grad_x = grad * scale if ctx.needs_input_grad[0] else None
+        grad_scale = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            if grad.stride() == x.stride() and _is_dense(x):  # the same memory order: a flat dot product
+                grad_scale = torch.dot(_flat(grad), _flat(x)).reshape(1)
+            else:
+                grad_scale = (grad * x).sum().reshape(1)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum().reshape(1)
+        return grad_x, grad_scale, grad_bias
+
+
+def _exporting() -> bool:
+    """Tracing, ONNX export or torch.compile: they get the plain module forms (MaxPool2d, scale * x + bias)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
+def _is_dense(x: Tensor) -> bool:
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _flat(x: Tensor) -> Tensor:
+    """A dense map's elements in memory order, as a 1-D view."""
+    return x.as_strided((x.numel(),), (1,))
+
+
 class LearnableAffineBlock(nn.Module):
     """y = scale * x + bias with one learnable scalar each (HGNetV2's LAB)."""
 
@@ -66,6 +108,8 @@ class LearnableAffineBlock(nn.Module):
     def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
         if inplace:  # the same two roundings, without two new maps
             return x.mul_(self.scale).add_(self.bias)
+        if torch.is_grad_enabled() and not _exporting():
+            return _ScalarAffine.apply(x, self.scale, self.bias)
         return self.scale * x + self.bias
 
 
@@ -129,8 +173,7 @@ class StemBlock(nn.Module):
         """[B, 3, H, W] -> [B, out_chs, H / 4, W / 4]."""
         x = F.pad(self.stem1(x), (0, 1, 0, 1))  # 2x2 kernels keep the size only with one extra row/column
         branch = self.stem2b(F.pad(self.stem2a(x), (0, 1, 0, 1)))
-        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-        pooled = self.pool(x) if x.requires_grad or exporting else _max_of_2x2_windows(x)
+        pooled = self.pool(x) if x.requires_grad or _exporting() else _max_of_2x2_windows(x)
         x = torch.cat([pooled, branch], dim=1)
         return self.stem4(self.stem3(x))
 
