@@ -165,7 +165,7 @@ def test_the_encoder_hands_fpn_blocks_the_unbuilt_join_in_training_only(referenc
     assert seen and "UpsampledJoin" not in seen
 
 
-@pytest.mark.parametrize("grad_layout", ["same", "other"])
+@pytest.mark.parametrize("grad_layout", ["same", "other", "amp"])
 def test_learnable_affine_block_in_training_matches_autograd(grad_layout):
     # HGNetV2's LAB in training: the forward is the reference's two roundings bit for bit; the scale's gradient is
     # one dot product instead of autograd's sum of a materialised product (when grad and input share a layout).
@@ -178,6 +178,8 @@ def test_learnable_affine_block_in_training_matches_autograd(grad_layout):
     x = torch.randn(2, 16, 40, 40, generator=generator).relu().contiguous(memory_format=torch.channels_last)
     grad = torch.randn(2, 16, 40, 40, generator=generator)
     grad = grad.contiguous(memory_format=torch.channels_last) if grad_layout == "same" else grad
+    if grad_layout == "amp":  # a bfloat16 map under autocast meets the float32 gradient of the promoted product
+        x = x.bfloat16()
 
     def run(module_form: bool):
         lab.zero_grad()

@@ -74,7 +74,8 @@ class _ScalarAffine(torch.autograd.Function):
         grad_x = grad * scale if ctx.needs_input_grad[0] else None
         grad_scale = grad_bias = None
         if ctx.needs_input_grad[1]:
-            if grad.stride() == x.stride() and _is_dense(x):  # the same memory order: a flat dot product
+            # the same dtype (AMP: a float32 gradient meets a bfloat16/float16 map) and memory order: a flat dot
+            if grad.dtype == x.dtype and grad.stride() == x.stride() and _is_dense(x):
                 grad_scale = torch.dot(_flat(grad), _flat(x)).reshape(1)
             else:
                 grad_scale = (grad * x).sum().reshape(1)
