@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dfine.cli.common import run_tool
+from dfine.utils.allocator import retain_freed_memory
 
 REFERENCE_INPUTS = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "inputs.pt"
 
@@ -309,6 +310,8 @@ def main(argv=None) -> int:
     from dfine.config import load_config
 
     device = check_arguments(args)
+    if args.mode in ("eval", "model"):  # as eval.py and infer.py run (train.py keeps glibc's defaults)
+        retain_freed_memory()
     overrides = list(args.update)
     cfg = load_config(args.config, overrides)
     if args.threads:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dfine.checkpoint import CheckpointError, read_checkpoint
 from dfine.cli import common
+from dfine.utils.allocator import retain_freed_memory
 from dfine.config import ConfigError, config_from_checkpoint, load_config
 
 
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
         common.device(cfg.get("device"), "no -d given; the config's device")
     from dfine.engine.trainer import run
 
+    retain_freed_memory()  # ~20% off each batch's forward pass on CPU (dfine/utils/allocator.py)
     return run(cfg, resume=args.resume, test_only=True, deploy=args.deploy)
 
 

@@ -17,6 +17,7 @@ import logging
 import sys
 
 from dfine.cli import common
+from dfine.utils.allocator import retain_freed_memory
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +56,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_arguments(args)
+    retain_freed_memory()  # ~20% off each image's forward pass on CPU (dfine/utils/allocator.py)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from dfine.deploy import Predictor
     from dfine.deploy.media import run_inference
