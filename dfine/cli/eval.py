@@ -18,8 +18,8 @@ from pathlib import Path
 
 from dfine.checkpoint import CheckpointError, read_checkpoint
 from dfine.cli import common
-from dfine.utils.allocator import retain_freed_memory
 from dfine.config import ConfigError, config_from_checkpoint, load_config
+from dfine.utils.allocator import retain_freed_memory
 
 
 def parse_args(argv=None) -> argparse.Namespace:
