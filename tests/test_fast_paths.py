@@ -177,8 +177,8 @@ def test_learnable_affine_block_in_training_matches_autograd(grad_layout):
     lab = LearnableAffineBlock(1.3, -0.2)
     x = torch.randn(2, 16, 40, 40, generator=generator).relu().contiguous(memory_format=torch.channels_last)
     grad = torch.randn(2, 16, 40, 40, generator=generator)
-    grad = grad.contiguous(memory_format=torch.channels_last) if grad_layout == "same" else grad
-    if grad_layout == "amp":  # a bfloat16 map under autocast meets the float32 gradient of the promoted product
+    grad = grad if grad_layout == "other" else grad.contiguous(memory_format=torch.channels_last)
+    if grad_layout == "amp":  # same layout, but a bfloat16 map under autocast meets a float32 gradient
         x = x.bfloat16()
 
     def run(module_form: bool):
