@@ -23,7 +23,8 @@ _NEVER = 2**31 - 1  # an int the C signature takes: trim only above ~2 GiB of fr
 
 
 def retain_freed_memory() -> bool:
-    """Apply the settings above once per process; True when they took effect (glibc on Linux, not opted out)."""
+    """Apply the settings above to the whole process (calling again changes nothing); True when they took effect
+    (glibc on Linux, not opted out)."""
     if not sys.platform.startswith("linux") or os.environ.get("DFINE_MALLOC_DEFAULTS", "") not in ("", "0"):
         return False
     try:
