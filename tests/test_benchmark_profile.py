@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -35,3 +36,13 @@ def test_eval_profile_prints_one_table(capsys, tmp_path):
     out = _profile(capsys, tmp_path, "eval")
     assert out.count("\nprofile: ") == 1 and "profile: eval forward" in out
     assert "aten::" in out and "backward" not in out
+
+
+def test_eval_channels_last_and_model_mode_time_the_deploy_form_run_nhwc(capsys, tmp_path):
+    common = ["-c", DEMO, "--size", "160", "--warmup", "0", "--runs", "1", "--threads", "1"]
+    assert benchmark.main(["eval", *common, "--channels-last", "--json", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["form"] == "deploy, channels-last"
+    assert benchmark.main(["model", *common, "--no-compile", "--no-onnx", "--json", str(tmp_path / "model.json")]) == 0
+    latency = json.loads((tmp_path / "model.json").read_text())["eval_latency_s"]
+    assert set(latency) == {"eager", "deploy channels-last"} and all(v > 0 for v in latency.values())
+    assert re.search(r"eval deploy channels-last \(s\)\s+\d+\.\d{4}", capsys.readouterr().out)

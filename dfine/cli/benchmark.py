@@ -2,8 +2,10 @@
 
     python tools/benchmark.py train -c configs/dfine_n_coco.yml           # forward, criterion, backward, clip, step; EMA apart
     python tools/benchmark.py eval -c configs/dfine_s_coco.yml            # eval-mode forward latency
+    python tools/benchmark.py eval -c configs/dfine_s_coco.yml --channels-last  # the same, deploy form run NHWC
     python tools/benchmark.py data -c configs/dfine_n_demo.yml            # images/s of the train loader
-    python tools/benchmark.py model -c configs/dfine_n_coco.yml           # params, FLOPs, eval latency: eager, compiled, onnxruntime
+    python tools/benchmark.py model -c configs/dfine_n_coco.yml           # params, FLOPs, eval latency: eager, deploy
+                                                                          # channels-last, compiled, onnxruntime
     python tools/benchmark.py all -c configs/dfine_n_coco.yml             # model + train + data, one table
     python tools/benchmark.py train -c configs/dfine_n_coco.yml --profile # + torch.profiler top ops (forward, backward)
 
@@ -43,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--amp", choices=("bfloat16", "float16"), help="autocast dtype (default fp32)")
     parser.add_argument("--json", default="benchmark.json", help="where the results go")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="eval: time the deploy form run channels-last (model.deploy(channels_last=True), what "
+                        "infer.py runs on a CPU) instead of the eval-mode model")
     parser.add_argument("--no-compile", action="store_true", help="model/all: skip the torch.compile latency")
     parser.add_argument("--no-onnx", action="store_true", help="model/all: skip the onnxruntime latency")
     parser.add_argument("--profile", action="store_true",
@@ -133,11 +138,16 @@ def bench_train(cfg: dict, args, device: torch.device) -> dict:
     return result
 
 
-def bench_eval(cfg: dict, args, device: torch.device) -> dict:
+def bench_eval(cfg: dict, args, device: torch.device, channels_last: bool | None = None) -> dict:
+    """Eval forward latency of the eval-mode model, or with ``channels_last`` (default: ``--channels-last``) of
+    its deploy form run channels-last."""
     import dfine
 
     batch = args.batch_size or 1
     model = dfine.build_model(cfg, load_pretrained=False).to(device).eval()
+    channels_last = args.channels_last if channels_last is None else channels_last
+    if channels_last:
+        model.deploy(channels_last=True)
     images, _, source = inputs(batch, args.size, device, int(cfg.get("num_classes", 80)))
     amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.amp)
     times, cpu_times = [], []
@@ -149,7 +159,7 @@ def bench_eval(cfg: dict, args, device: torch.device) -> dict:
             if i >= args.warmup:
                 times.append(t)
                 cpu_times.append(time.process_time() - cpu_start)
-        result = {"batch": batch, "inputs": source,
+        result = {"batch": batch, "inputs": source, "form": "deploy, channels-last" if channels_last else "eval",
                   "median_s": {"forward": statistics.median(times), "forward_cpu": statistics.median(cpu_times)},
                   "runs_s": {"forward": times, "forward_cpu": cpu_times}}
         if args.profile:
@@ -204,12 +214,14 @@ def bench_data(cfg: dict, args, device: torch.device) -> dict:
             "measurements": results}
 
 
-# ---- model costs and the full table (deployment helper): params, FLOPs, eager / compiled / onnxruntime latency
+# ---- model costs and the full table (deployment helper): params, FLOPs, eager / deploy channels-last / compiled /
+# onnxruntime latency
 
 
 def bench_model(cfg: dict, args, device: torch.device) -> dict:
-    """Params, FLOPs and eval latency (batch 1 unless --batch-size) of the eager model, torch.compile and
-    onnxruntime; a backend that fails is reported with its error instead of stopping the others."""
+    """Params, FLOPs and eval latency (batch 1 unless --batch-size) of the eager model, its deploy form run
+    channels-last, torch.compile and onnxruntime; a backend that fails is reported with its error instead of
+    stopping the others."""
     import copy
 
     import dfine
@@ -219,8 +231,8 @@ def bench_model(cfg: dict, args, device: torch.device) -> dict:
     model = dfine.build_model(cfg, load_pretrained=False).to(device).eval()
     images, _, source = inputs(batch, args.size, device, int(cfg.get("num_classes", 80)))
     result = {"batch": batch, "inputs": source, **count_parameters(model), **count_flops(model, images[:1])}
-    latency = {"eager": bench_eval(cfg, args, device)["median_s"]["forward"]}
-    backends = []
+    latency = {"eager": bench_eval(cfg, args, device, channels_last=False)["median_s"]["forward"]}
+    backends = [("deploy channels-last", lambda: bench_eval(cfg, args, device, channels_last=True)["median_s"])]
     if not args.no_compile:
         backends.append(("torch.compile", lambda: compiled_latency(copy.deepcopy(model), images, args.warmup, args.runs)))
     if not args.no_onnx:
@@ -300,6 +312,9 @@ def check_arguments(args: argparse.Namespace) -> torch.device:
     common.at_least(args.profile_rows, "--profile-rows", 1)
     if args.profile and args.mode not in ("train", "eval"):
         raise common.usage_error(f"--profile with mode {args.mode!r}: profiling applies to the train and eval modes")
+    if args.channels_last and args.mode != "eval":
+        raise common.usage_error(f"--channels-last with mode {args.mode!r}: it applies to the eval mode (model and all "
+                                 "time both forms; training always runs channels-last)")
     common.output_file(args.json, "--json")
     return common.device(args.device, "-d")
 

@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--deploy", action=argparse.BooleanOptionalAction, default=True,
                         help="a checkpoint runs in deploy form (model.deploy(): the encoder's conv + BN folded, RepVGG "
                         "branches merged; the same detections; default on). An .onnx file is always in deploy form")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the deploy form channels-last (NHWC): the same detections up to rounding, faster on "
+                        "a CPU (README, Deployment); default: on for the CPU, off elsewhere (not measured on a GPU)")
     return parser.parse_args(argv)
 
 
@@ -50,6 +53,11 @@ def check_arguments(args: argparse.Namespace) -> None:
     common.at_least(args.batch_size, "--batch-size", 1)
     common.image_size(args.size, "--size")
     common.device(args.device, "-d")
+    if args.channels_last and not args.deploy:
+        raise common.usage_error("--channels-last: it applies to the deploy form; drop --no-deploy or --channels-last")
+    if args.channels_last and str(args.resume).endswith(".onnx"):
+        raise common.usage_error(f"--channels-last: {args.resume} is an .onnx file, which onnxruntime runs in its "
+                                 "own layout; the flag applies to checkpoints")
 
 
 @common.run_tool
@@ -63,7 +71,7 @@ def main(argv=None) -> int:
 
     try:
         predictor = Predictor.from_file(args.resume, args.config, args.update, device=args.device, image_size=args.size,
-                                        deploy=args.deploy)
+                                        deploy=args.deploy, channels_last=args.channels_last)
         path = run_inference(predictor, args.input, args.output, args.threshold, args.batch_size)
     except ValueError as err:  # the deploy code's own argument errors (e.g. too few positions for num_queries)
         return common.report(err)

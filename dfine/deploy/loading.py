@@ -53,12 +53,16 @@ def load_detector(
     overrides=(),
     sampling: str | None = None,
     deploy: bool = False,
+    channels_last: bool = False,
 ) -> tuple[nn.Module, nn.Module, dict, LabelMap]:
     """(model, postprocessor, config, class info), in eval mode, on the CPU.
 
     With ``deploy`` both are converted for export: the model fuses and prunes itself (``model.deploy()``) and
-    the postprocessor returns plain tensors (labels 0..C-1, boxes, scores).
+    the postprocessor returns plain tensors (labels 0..C-1, boxes, scores). ``channels_last`` (deploy only) runs
+    the deployed model channels-last (``model.deploy(channels_last=True)``).
     """
+    if channels_last and not deploy:
+        raise ValueError("channels_last applies to the deploy form: pass deploy=True as well")
     cfg, checkpoint = resolve_config(checkpoint_path, config_path, list(overrides) + sampling_overrides(sampling))
     trained = (checkpoint or {}).get("config", {}) if isinstance(checkpoint, dict) else {}
     trained_method = trained.get("model", {}).get("decoder", {}).get("cross_attn_method", "default") if trained else None
@@ -81,6 +85,6 @@ def load_detector(
     model.eval()
     postprocessor.eval()
     if deploy:
-        model = model.deploy()
+        model = model.deploy(channels_last=channels_last)
         postprocessor = postprocessor.deploy()
     return model, postprocessor, cfg, class_info(cfg, checkpoint)

@@ -30,7 +30,9 @@ class Predictor:
     checkpoint (its stored config, or ``config_path``). Both paths return the deploy postprocessor's tensors
     (labels 0..C-1), so they can be compared one to one. A checkpoint runs in deploy form (``model.deploy()``,
     as exported) unless ``deploy=False``: the same detections within 1e-6 in score and 1e-3 px in box on
-    D-FINE-N (README, "Deployment").
+    D-FINE-N (README, "Deployment"). ``channels_last`` runs the deploy form channels-last (NHWC); ``None``, the
+    default, means on for the CPU, where it was measured faster (``DFINE.deploy``), and off elsewhere (not
+    measured on a GPU yet).
     """
 
     def __init__(self, run, image_size: tuple[int, int], classes: LabelMap, device: torch.device, kind: str):
@@ -42,9 +44,11 @@ class Predictor:
 
     @classmethod
     def from_file(cls, path, config_path: str | None = None, overrides=(), device: str = "cpu", image_size=None,
-                  deploy: bool = True) -> "Predictor":
+                  deploy: bool = True, channels_last: bool | None = None) -> "Predictor":
         device = torch.device(device)
         if str(path).endswith(".onnx"):
+            if channels_last:
+                raise ValueError(f"{path}: channels_last applies to checkpoints (onnxruntime runs an .onnx file in its own layout)")
             detector = OnnxDetector(path, device=str(device))
             size = tuple(image_size or detector.image_size or ())
             if len(size) != 2:
@@ -57,7 +61,11 @@ class Predictor:
             elif config_path:
                 classes = class_info(dfine.load_config(config_path, list(overrides)), None)
             return cls(detector, size, classes, device, "onnxruntime")
-        model, post, cfg, classes = load_detector(path, config_path, overrides, deploy=deploy)
+        if channels_last is None:
+            channels_last = deploy and device.type == "cpu"
+        if channels_last and not deploy:
+            raise ValueError("channels_last applies to the deploy form: drop deploy=False (--no-deploy) or channels_last")
+        model, post, cfg, classes = load_detector(path, config_path, overrides, deploy=deploy, channels_last=channels_last)
         detector = DeployModel(model, post.deploy()).to(device).eval()  # tensors out, whichever form the model has
         size = tuple(image_size or cfg.get("eval_spatial_size") or (640, 640))
 
@@ -65,7 +73,8 @@ class Predictor:
         def run(images, sizes):
             return detector(images.to(device), sizes.to(device))
 
-        return cls(run, (int(size[0]), int(size[1])), classes, device, "pytorch" if deploy else "pytorch, not deployed")
+        kind = "pytorch, channels-last" if channels_last else "pytorch" if deploy else "pytorch, not deployed"
+        return cls(run, (int(size[0]), int(size[1])), classes, device, kind)
 
     def __call__(self, images: Tensor, orig_sizes: Tensor) -> list[dict]:
         """images [B, 3, h, w], orig_sizes [B, 2] (w, h) -> per image ``labels`` [K], ``boxes`` [K, 4] xyxy pixels,
