@@ -136,3 +136,14 @@ def test_eval_deploy_gives_the_same_metrics(tmp_path):
     assert results[True]["num_detections"] == results[False]["num_detections"] > 0
     # the 12 COCO numbers from detections equal within the bounds above: identical on these 4 images
     assert results[True]["coco_eval_bbox"] == pytest.approx(results[False]["coco_eval_bbox"], abs=1e-6)
+
+
+def test_predictor_channels_last_defaults_to_the_cpu_and_needs_the_deploy_form(tmp_path):
+    from dfine.deploy import Predictor
+
+    checkpoint = make_demo_checkpoint(tmp_path / "demo.pth", SIZE)
+    assert Predictor.from_file(checkpoint).kind == "pytorch, channels-last"  # device="cpu" by default
+    assert Predictor.from_file(checkpoint, channels_last=False).kind == "pytorch"
+    assert Predictor.from_file(checkpoint, deploy=False).kind == "pytorch, not deployed"
+    with pytest.raises(ValueError, match="deploy form"):
+        Predictor.from_file(checkpoint, deploy=False, channels_last=True)

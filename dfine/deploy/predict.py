@@ -63,8 +63,6 @@ class Predictor:
             return cls(detector, size, classes, device, "onnxruntime")
         if channels_last is None:
             channels_last = deploy and device.type == "cpu"
-        if channels_last and not deploy:
-            raise ValueError("channels_last applies to the deploy form: drop deploy=False (--no-deploy) or channels_last")
         model, post, cfg, classes = load_detector(path, config_path, overrides, deploy=deploy, channels_last=channels_last)
         detector = DeployModel(model, post.deploy()).to(device).eval()  # tensors out, whichever form the model has
         size = tuple(image_size or cfg.get("eval_spatial_size") or (640, 640))

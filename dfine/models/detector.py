@@ -54,7 +54,7 @@ class DFINE(nn.Module):
         faster on a CPU (README, "Deployment": D-FINE-N x1.12-1.25, D-FINE-S x1.09-1.11 over the NCHW deploy form)
         and the same detections up to rounding (tests/test_deploy_mode.py), but no longer within the 1e-4 at which
         tests/test_hf_interop.py holds logits to transformers' model, so it is not the default here (infer.py and
-        ``Predictor`` turn it on for the CPU). Not for ONNX export: the exported graph is NCHW.
+        ``Predictor`` turn it on for the CPU).
         """
         self.eval()
         # Collected first: conversions replace children, and the old ones need no conversion.
