@@ -80,7 +80,7 @@ def test_channels_last_deploy_form_runs_nhwc_and_gives_the_same_detections(refer
     with torch.no_grad():
         handles = [m.encoder.register_forward_pre_hook(hook) for m in (plain, fast)]
         expected = DeployModel(plain, post)(images, sizes)
-        got = DeployModel(fast, post)(images, sizes)  # NCHW images in: the model converts them
+        got = DeployModel(fast, post)(images, sizes)  # NCHW images in: the NHWC stem weights set the layout
         for handle in handles:
             handle.remove()
     assert layouts == [torch.contiguous_format, torch.channels_last]
@@ -142,8 +142,17 @@ def test_eval_deploy_gives_the_same_metrics(tmp_path):
 def test_predictor_channels_last_defaults_to_the_cpu_and_needs_the_deploy_form(tmp_path):
     from dfine.deploy import Predictor
 
+    from dfine.deploy.loading import load_detector
+
     checkpoint = make_demo_checkpoint(tmp_path / "demo.pth", SIZE)
     assert Predictor.from_file(checkpoint).kind == "pytorch, channels-last"  # device="cpu" by default
+    # what the Predictor loads for that form: the weights NHWC (they set the layout the maps run in)
+    for flag in (False, True):
+        model = load_detector(checkpoint, deploy=True, channels_last=flag)[0]
+        # (a 1x1 or depthwise kernel is contiguous in both layouts, so only the others tell them apart)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        weights = [c.weight for c in convs if c.weight.shape[1] > 1 and c.kernel_size != (1, 1)]
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last) == flag for w in weights)
     assert Predictor.from_file(checkpoint, channels_last=False).kind == "pytorch"
     assert Predictor.from_file(checkpoint, deploy=False).kind == "pytorch, not deployed"
     with pytest.raises(ValueError, match="deploy form"):

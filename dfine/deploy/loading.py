@@ -62,7 +62,7 @@ def load_detector(
     the deployed model channels-last (``model.deploy(channels_last=True)``).
     """
     if channels_last and not deploy:
-        raise ValueError("channels_last applies to the deploy form: pass deploy=True as well (or drop --no-deploy)")
+        raise ValueError("channels_last applies to the deploy form: pass deploy=True as well")
     cfg, checkpoint = resolve_config(checkpoint_path, config_path, list(overrides) + sampling_overrides(sampling))
     trained = (checkpoint or {}).get("config", {}) if isinstance(checkpoint, dict) else {}
     trained_method = trained.get("model", {}).get("decoder", {}).get("cross_attn_method", "default") if trained else None

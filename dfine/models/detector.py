@@ -26,7 +26,6 @@ class DFINE(nn.Module):
         self.backbone = backbone
         self.decoder = decoder
         self.encoder = encoder
-        self.eval_channels_last = False  # set by deploy(channels_last=True)
 
     def forward(self, images: Tensor, targets: list[dict] | None = None) -> dict:
         """
@@ -42,7 +41,7 @@ class DFINE(nn.Module):
         # blocks) is tens of times slower. The same products are summed, in another order. Eval stays NCHW: that
         # rounding difference moves D-FINE-N logits by up to 1.4e-4 against transformers' model, past the 1e-4 that
         # tests/test_hf_interop.py holds eval outputs to. Inference may opt in: deploy(channels_last=True).
-        if self.training or self.eval_channels_last:
+        if self.training:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.decoder(self.encoder(self.backbone(images)), targets)
 
@@ -50,7 +49,8 @@ class DFINE(nn.Module):
         """Switch to eval mode and let every submodule convert itself for inference (fuse conv + BN,
         merge re-parameterised branches, drop layers the eval output does not read). Irreversible.
 
-        ``channels_last`` also runs eval channels-last (images and convolution weights NHWC), as training does:
+        ``channels_last`` also stores the convolution weights NHWC, so that eval runs channels-last as training
+        does (a convolution with NHWC weights reads and writes NHWC maps, whatever the input's layout):
         faster on a CPU (README, "Deployment": D-FINE-N x1.12-1.25, D-FINE-S x1.09-1.11 over the NCHW deploy form)
         and the same detections up to rounding (tests/test_deploy_mode.py), but no longer within the 1e-4 at which
         tests/test_hf_interop.py holds logits to transformers' model, so it is not the default here (infer.py and
@@ -63,7 +63,7 @@ class DFINE(nn.Module):
             if callable(convert) and module is not self:
                 convert()
         if channels_last:
-            self.eval_channels_last = True
-            # the weights too: D-FINE-N x1.16 over NCHW deploy that way, x1.11 with NHWC images alone (same run)
+            # NHWC weights: D-FINE-N x1.16 over NCHW deploy, where NHWC images alone gave x1.11 (same run); converting
+            # the images as well changed neither the outputs (bit for bit) nor the time
             self.to(memory_format=torch.channels_last)
         return self
